@@ -1,0 +1,21 @@
+"""Errors a user can cause. The CLI prints their one-line message and exits with code 2."""
+
+
+class DscError(Exception):
+    """Base class of every error caused by user input (bad files, bad flags)."""
+
+
+class ConfigError(DscError):
+    """config.json is missing, unreadable or describes an unsupported model."""
+
+
+class CheckpointError(DscError):
+    """A weights file is missing, truncated, corrupt, or holds the wrong tensors."""
+
+
+class CompileError(DscError):
+    """The model cannot be compiled as asked (unsupported option, unwritable output)."""
+
+
+class EngineError(DscError):
+    """An engine file is missing, corrupt or does not match its manifest."""

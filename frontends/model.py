@@ -1,0 +1,293 @@
+"""dsc's own PyTorch definition of the DeepSeek-V2/V3 architecture, written to be traced by torch.fx.
+
+Why torch.fx with leaf modules: the model's structure (residuals, the MLA split/concat dance, the unrolled
+per-expert FFNs) is ordinary torch code that fx records faithfully, while the pieces whose meaning the IR
+owns (linear layers with checkpoint weights, RMSNorm, RoPE, causal attention over a cache, the
+data-dependent MoE routing and combine) are leaf modules that fx keeps opaque and the tracer maps to one
+IR op each. Each leaf also runs eagerly through the IR op's reference implementation, so the same
+definition can execute without the IR when a weight provider is bound.
+
+Layout conventions: activations are [batch, seq, ...]; per-head tensors are [batch, seq, heads, dim];
+the KV cache of layer i is (key [batch, past, heads, qk_head_dim], value [batch, past, heads, v_head_dim]).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from dsc.ir.graph import Op
+from dsc.ir.ops import run_op
+from torch import nn
+
+if TYPE_CHECKING:
+    from dsc.frontends.config import ModelConfig
+
+# (key, shape) -> tensor; bound by Leaf.bind for eager execution.
+TensorProvider = Callable[[str, tuple[int, ...]], torch.Tensor]
+
+
+class Leaf(nn.Module):
+    """A module the tracer keeps whole and lowers to one IR op (with weights in ``weight_specs``)."""
+
+    op: Op
+
+    def __init__(
+        self, attrs: dict[str, Any] | None = None, weights: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    ):
+        super().__init__()
+        self.attrs = dict(attrs or {})
+        self.weight_specs = weights
+        self._provider: TensorProvider | None = None
+
+    def bind(self, provider: TensorProvider) -> None:
+        self._provider = provider
+
+    def forward(self, *inputs: torch.Tensor):
+        if self._provider is None:
+            raise RuntimeError(f"{type(self).__name__}: bind a weight provider before running eagerly")
+        weights = [self._provider(key, shape) for key, shape in self.weight_specs]
+        outs = run_op(self.op, list(inputs) + weights, self.attrs)
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+
+class Linear(Leaf):
+    op = Op.LINEAR
+
+    def __init__(self, key: str, in_features: int, out_features: int):
+        super().__init__(weights=((f"{key}.weight", (out_features, in_features)),))
+
+
+class RMSNorm(Leaf):
+    op = Op.RMS_NORM
+
+    def __init__(self, key: str, dim: int, eps: float):
+        super().__init__({"eps": eps}, ((f"{key}.weight", (dim,)),))
+
+
+class Embedding(Leaf):
+    op = Op.EMBEDDING
+
+    def __init__(self, key: str, vocab: int, dim: int):
+        super().__init__(weights=((f"{key}.weight", (vocab, dim)),))
+
+
+class Rope(Leaf):
+    op = Op.ROPE
+
+    def __init__(self, inv_freq: list[float], scaling: float, interleaved: bool):
+        super().__init__({"inv_freq": tuple(inv_freq), "scaling": scaling, "interleaved": interleaved})
+
+
+class CausalAttention(Leaf):
+    op = Op.ATTENTION
+
+    def __init__(self, scale: float):
+        super().__init__({"scale": scale})
+
+
+class MoeRouter(Leaf):
+    op = Op.MOE_ROUTE
+
+    def __init__(self, key: str, cfg: ModelConfig):
+        weights = [(f"{key}.weight", (cfg.n_routed_experts, cfg.hidden_size))]
+        if cfg.topk_method == "noaux_tc":
+            weights.append((f"{key}.e_score_correction_bias", (cfg.n_routed_experts,)))
+        super().__init__(
+            {
+                "num_experts": cfg.n_routed_experts,
+                "top_k": cfg.num_experts_per_tok,
+                "n_group": cfg.n_group,
+                "topk_group": cfg.topk_group,
+                "scoring": cfg.scoring_func,
+                "method": cfg.topk_method,
+                "norm_topk_prob": cfg.norm_topk_prob,
+                "scaling": cfg.routed_scaling_factor,
+            },
+            tuple(weights),
+        )
+
+
+class MoeCombine(Leaf):
+    op = Op.MOE_COMBINE
+
+    def __init__(self, num_experts: int):
+        super().__init__({"num_experts": num_experts})
+
+
+def rope_frequencies(cfg: ModelConfig) -> tuple[list[float], float]:
+    """RoPE inverse frequencies and cos/sin scaling, with YaRN when configured (DESIGN.md §4)."""
+    dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    inv_freq = 1.0 / pos_freqs
+    ys = cfg.rope_scaling
+    if ys is None:
+        return inv_freq.tolist(), 1.0
+
+    def get_mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    def correction_dim(rotations: float) -> float:
+        orig = ys.original_max_position_embeddings
+        return (dim * math.log(orig / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(ys.beta_fast)), 0)
+    high = min(math.ceil(correction_dim(ys.beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolation = 1 - ramp
+    inv_freq = (1.0 / (ys.factor * pos_freqs)) * (1 - extrapolation) + inv_freq * extrapolation
+    if ys.mscale and ys.mscale_all_dim:
+        scaling = get_mscale(ys.factor, ys.mscale) / get_mscale(ys.factor, ys.mscale_all_dim)
+    else:
+        scaling = get_mscale(ys.factor)
+    return inv_freq.tolist(), float(scaling)
+
+
+class MLP(nn.Module):
+    def __init__(self, key: str, hidden: int, inter: int):
+        super().__init__()
+        self.gate_proj = Linear(f"{key}.gate_proj", hidden, inter)
+        self.up_proj = Linear(f"{key}.up_proj", hidden, inter)
+        self.down_proj = Linear(f"{key}.down_proj", inter, hidden)
+
+    def forward(self, x):
+        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoE(nn.Module):
+    """Routed experts unrolled one FFN per expert (the form expert fusion starts from), plus shared ones."""
+
+    def __init__(self, key: str, cfg: ModelConfig):
+        super().__init__()
+        self.gate = MoeRouter(f"{key}.gate", cfg)
+        self.experts = nn.ModuleList(
+            MLP(f"{key}.experts.{e}", cfg.hidden_size, cfg.moe_intermediate_size)
+            for e in range(cfg.n_routed_experts)
+        )
+        self.combine = MoeCombine(cfg.n_routed_experts)
+        shared = (cfg.n_shared_experts or 0) * cfg.moe_intermediate_size
+        self.shared_experts = MLP(f"{key}.shared_experts", cfg.hidden_size, shared) if shared else None
+
+    def forward(self, x):
+        weights, experts = self.gate(x)
+        y = self.combine(weights, experts, *[expert(x) for expert in self.experts])
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y
+
+
+class MLA(nn.Module):
+    """Multi-head Latent Attention in its naive (per-head key/value) form (DESIGN.md §4)."""
+
+    def __init__(self, key: str, cfg: ModelConfig, rope: Rope):
+        super().__init__()
+        h, n = cfg.hidden_size, cfg.num_attention_heads
+        self.n_heads, self.nope, self.rope_dim = n, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
+        self.kv_lora, self.v_dim = cfg.kv_lora_rank, cfg.v_head_dim
+        qk = cfg.qk_head_dim
+        if cfg.q_lora_rank:
+            self.q_a_proj = Linear(f"{key}.q_a_proj", h, cfg.q_lora_rank)
+            self.q_a_layernorm = RMSNorm(f"{key}.q_a_layernorm", cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = Linear(f"{key}.q_b_proj", cfg.q_lora_rank, n * qk)
+        else:
+            self.q_proj = Linear(f"{key}.q_proj", h, n * qk)
+        self.kv_a_proj_with_mqa = Linear(
+            f"{key}.kv_a_proj_with_mqa", h, cfg.kv_lora_rank + cfg.qk_rope_head_dim
+        )
+        self.kv_a_layernorm = RMSNorm(f"{key}.kv_a_layernorm", cfg.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_b_proj = Linear(
+            f"{key}.kv_b_proj", cfg.kv_lora_rank, n * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+        )
+        self.o_proj = Linear(f"{key}.o_proj", n * cfg.v_head_dim, h)
+        self.rope = rope
+        self.attn = CausalAttention(cfg.softmax_scale)
+        self.has_q_lora = bool(cfg.q_lora_rank)
+
+    def forward(self, x, positions, past_k, past_v):
+        n, nope, rope = self.n_heads, self.nope, self.rope_dim
+        if self.has_q_lora:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        else:
+            q = self.q_proj(x)
+        q_nope, q_pe = q.unflatten(-1, (n, nope + rope)).split([nope, rope], dim=-1)
+        q_pe = self.rope(q_pe, positions)
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora, rope], dim=-1)
+        k_pe = self.rope(k_pe.unsqueeze(2), positions)  # one rope key shared by all heads
+        kv = self.kv_b_proj(self.kv_a_layernorm(c_kv)).unflatten(-1, (n, nope + self.v_dim))
+        k_nope, v = kv.split([nope, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe.expand(-1, -1, n, -1)], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        k_all = torch.cat([past_k, k], dim=1)
+        v_all = torch.cat([past_v, v], dim=1)
+        out = self.attn(q, k_all, v_all)
+        return self.o_proj(out.flatten(-2)), k_all, v_all
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, index: int, cfg: ModelConfig, rope: Rope):
+        super().__init__()
+        key = f"model.layers.{index}"
+        self.input_layernorm = RMSNorm(f"{key}.input_layernorm", cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MLA(f"{key}.self_attn", cfg, rope)
+        self.post_attention_layernorm = RMSNorm(
+            f"{key}.post_attention_layernorm", cfg.hidden_size, cfg.rms_norm_eps
+        )
+        if cfg.is_moe_layer(index):
+            self.mlp = MoE(f"{key}.mlp", cfg)
+        else:
+            self.mlp = MLP(f"{key}.mlp", cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, h, positions, past_k, past_v):
+        attn, k_all, v_all = self.self_attn(self.input_layernorm(h), positions, past_k, past_v)
+        h = h + attn
+        h = h + self.mlp(self.post_attention_layernorm(h))
+        return h, k_all, v_all
+
+
+class Embed(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = Embedding("model.embed_tokens", cfg.vocab_size, cfg.hidden_size)
+
+    def forward(self, input_ids):
+        return self.embed_tokens(input_ids)
+
+
+class Head(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = RMSNorm("model.norm", cfg.hidden_size, cfg.rms_norm_eps)
+        head_key = "model.embed_tokens" if cfg.tie_word_embeddings else "lm_head"
+        self.lm_head = Linear(head_key, cfg.hidden_size, cfg.vocab_size)
+
+    def forward(self, h):
+        return self.lm_head(self.norm(h))
+
+
+class DeepseekModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        inv_freq, scaling = rope_frequencies(cfg)
+        rope = Rope(inv_freq, scaling, cfg.rope_interleave)
+        self.embed = Embed(cfg)
+        self.layers = nn.ModuleList(DecoderLayer(i, cfg, rope) for i in range(cfg.num_hidden_layers))
+        self.head = Head(cfg)
+
+    def bind(self, provider: TensorProvider) -> None:
+        for m in self.modules():
+            if isinstance(m, Leaf):
+                m.bind(provider)
+
+    def forward(self, input_ids, position_ids, past: list[tuple[torch.Tensor, torch.Tensor]]):
+        """Eager execution (leaves run their IR reference ops). Returns (logits, present)."""
+        h = self.embed(input_ids)
+        present = []
+        for layer, (pk, pv) in zip(self.layers, past, strict=True):
+            h, k, v = layer(h, position_ids, pk, pv)
+            present.append((k, v))
+        return self.head(h), present

@@ -1,0 +1,174 @@
+"""Trace dsc's torch definition (frontends/model.py) into the IR with torch.fx.
+
+Each piece (embedding, every decoder layer, the head) is traced separately by a Tracer that keeps
+``Leaf`` modules whole; the fx graphs are then translated node by node into one IR graph. fx nodes
+that are ordinary torch code (add, mul, silu, split, cat, unflatten, flatten, unsqueeze, expand) map to
+the IR's elementwise and shape ops; anything else is a bug in the model definition and fails loudly.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.fx as fx
+from dsc.frontends.model import DeepseekModel, Leaf
+from dsc.ir.graph import Graph, GraphBuilder, Op, Value, WeightSource
+from dsc.ir.types import DType
+from torch import nn
+
+if TYPE_CHECKING:
+    from dsc.frontends.config import ModelConfig
+
+# (checkpoint key, expected shape) -> (IR dtype, lazy source). Raises a DscError for a bad checkpoint.
+WeightProvider = Callable[[str, tuple[int, ...]], tuple[DType, WeightSource]]
+
+
+class _LeafTracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, Leaf) or super().is_leaf_module(m, qualname)
+
+
+def _reshape_attrs(x: Value, new_shape: Sequence[int]) -> dict[str, Any]:
+    """Express a reshape whose leading dims are unchanged with ONNX-style 0 = copy."""
+    lead = 0
+    while lead < min(len(new_shape), x.type.rank) and not isinstance(x.type.shape[lead], int):
+        lead += 1
+    return {"shape": tuple([0] * lead + list(new_shape[lead:]))}
+
+
+class _Translator:
+    def __init__(self, builder: GraphBuilder, weights: WeightProvider, prefix: str) -> None:
+        self.b = builder
+        self.weights = weights
+        self.prefix = prefix
+
+    def op(self, op: Op, inputs, attrs=None, hint: str = "") -> Any:
+        node = self.b.op(op, inputs, attrs, name=f"{self.prefix}{hint or op.value}")
+        return node.outputs[0] if len(node.outputs) == 1 else node.outputs
+
+    def leaf(self, gm: fx.GraphModule, target: str, args: list[Value]) -> Any:
+        mod = gm.get_submodule(target)
+        assert isinstance(mod, Leaf)
+        ws = []
+        for key, shape in mod.weight_specs:
+            dtype, source = self.weights(key, shape)
+            ws.append(self.b.weight(key, dtype, shape, source))
+        return self.op(mod.op, list(args) + ws, mod.attrs, hint=target.replace(".", "_"))
+
+    def method(self, name: str, args: list, kwargs: dict) -> Any:
+        x = args[0]
+        shape = list(x.type.shape)
+        if name == "unflatten":
+            dim, sizes = args[1], args[2]
+            dim %= len(shape)
+            return self.op(Op.RESHAPE, [x], _reshape_attrs(x, shape[:dim] + list(sizes) + shape[dim + 1 :]))
+        if name == "flatten":
+            start = args[1] % len(shape)
+            merged = 1
+            for d in shape[start:]:
+                merged *= d
+            return self.op(Op.RESHAPE, [x], _reshape_attrs(x, shape[:start] + [merged]))
+        if name == "unsqueeze":
+            dim = args[1] % (len(shape) + 1)
+            return self.op(Op.RESHAPE, [x], _reshape_attrs(x, shape[:dim] + [1] + shape[dim:]))
+        if name == "expand":
+            sizes = args[1:]
+            axes = [i for i, s in enumerate(sizes) if s != -1]
+            assert len(axes) == 1, f"expand over {axes}: only one axis supported"
+            return self.op(Op.EXPAND, [x], {"axis": axes[0], "size": sizes[axes[0]]})
+        if name == "split":
+            return self.op(
+                Op.SPLIT,
+                [x],
+                {"axis": kwargs.get("dim", args[2] if len(args) > 2 else 0), "sizes": tuple(args[1])},
+            )
+        raise NotImplementedError(f"tracer: method {name} has no IR mapping")
+
+    def function(self, fn: Any, args: list, kwargs: dict) -> Any:
+        if fn is operator.add:
+            return self.op(Op.ADD, args)
+        if fn is operator.mul:
+            return self.op(Op.MUL, args)
+        if fn is torch.nn.functional.silu:
+            return self.op(Op.SILU, args)
+        if fn is torch.cat:
+            return self.op(
+                Op.CONCAT, list(args[0]), {"axis": kwargs.get("dim", args[1] if len(args) > 1 else 0)}
+            )
+        if fn is operator.getitem:
+            return args[0][args[1]]
+        raise NotImplementedError(f"tracer: function {fn} has no IR mapping")
+
+    def run(self, module: nn.Module, inputs: Sequence[Value]) -> Any:
+        gm = fx.GraphModule(module, _LeafTracer().trace(module))
+        env: dict[str, Any] = {}
+        placeholders = iter(inputs)
+
+        def load(a):
+            return fx.node.map_arg(a, lambda n: env[n.name])
+
+        for node in gm.graph.nodes:
+            args, kwargs = load(node.args), load(node.kwargs)
+            if node.op == "placeholder":
+                env[node.name] = next(placeholders)
+            elif node.op == "call_module":
+                env[node.name] = self.leaf(gm, node.target, list(args))
+            elif node.op == "call_method":
+                env[node.name] = self.method(node.target, list(args), dict(kwargs))
+            elif node.op == "call_function":
+                env[node.name] = self.function(node.target, list(args), dict(kwargs))
+            elif node.op == "output":
+                return args[0]
+            else:
+                raise NotImplementedError(f"tracer: fx op {node.op}")
+        raise AssertionError("fx graph has no output")
+
+
+def kv_shapes(cfg: ModelConfig) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(heads, dim) of the naive cache's key and value tensors."""
+    n = cfg.num_attention_heads
+    return (n, cfg.qk_head_dim), (n, cfg.v_head_dim)
+
+
+def trace_model(cfg: ModelConfig, weights: WeightProvider, name: str = "deepseek") -> Graph:
+    """Build the IR of one forward step: (input_ids, position_ids, past KV) -> (logits, present KV)."""
+    model = DeepseekModel(cfg)
+    b = GraphBuilder(Graph(name))
+    ids = b.input("input_ids", DType.I64, ("batch", "seq"))
+    pos = b.input("position_ids", DType.I64, ("batch", "seq"))
+    (kh, kd), (vh, vd) = kv_shapes(cfg)
+    past = []
+    for i in range(cfg.num_hidden_layers):
+        pk = b.input(f"past_key_values.{i}.key", DType.F32, ("batch", "past", kh, kd))
+        pv = b.input(f"past_key_values.{i}.value", DType.F32, ("batch", "past", vh, vd))
+        past.append((pk, pv))
+    h = _Translator(b, weights, "embed/").run(model.embed, [ids])
+    presents = []
+    for i, layer in enumerate(model.layers):
+        h, k, v = _Translator(b, weights, f"layers.{i}/").run(layer, [h, pos, *past[i]])
+        presents.append((k, v))
+    logits = _Translator(b, weights, "head/").run(model.head, [h])
+    outputs = [_renamed(b.graph, logits, "logits")]
+    for i, (k, v) in enumerate(presents):
+        outputs.append(_renamed(b.graph, k, f"present.{i}.key"))
+        outputs.append(_renamed(b.graph, v, f"present.{i}.value"))
+    b.graph.outputs = outputs
+    b.graph.meta["model_config"] = cfg
+    return b.graph
+
+
+def _renamed(graph: Graph, value: Value, name: str) -> Value:
+    """Rename the node output ``value`` to ``name`` (graph outputs carry their ONNX names)."""
+    new = Value(name, value.type)
+    for i, n in enumerate(graph.nodes):
+        if value in n.outputs:
+            outs = tuple(new if o == value else o for o in n.outputs)
+            graph.nodes[i] = type(n)(n.op, n.name, n.inputs, outs, n.attrs, n.meta)
+            break
+    else:
+        raise AssertionError(f"{value} is not a node output")
+    graph.replace_uses(value, new)
+    return new

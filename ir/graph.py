@@ -1,0 +1,244 @@
+"""The graph IR: typed values, frozen nodes with an op enum, lazy weights, and the graph that owns order.
+
+A ``Value`` is a name plus a ``TensorType``. A ``Node`` applies an ``Op`` to input values and defines
+output values. Weights are values too; the graph maps their names to ``Weight`` records whose
+``source`` produces the tensor only when asked (a checkpoint read, or a transform recorded by a pass),
+so a graph of a 600 GB model costs kilobytes until a backend streams its weights out.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from dsc.ir.types import DType, TensorType
+
+
+class Op(enum.Enum):
+    EMBEDDING = "embedding"  # (ids, table) -> table[ids]
+    LINEAR = "linear"  # (x, weight[out,in]) -> x @ weight^T
+    RMS_NORM = "rms_norm"  # (x, weight) eps
+    ROPE = "rope"  # (x[..., d], positions[b, s]) inv_freq, scaling, interleaved
+    ATTENTION = "attention"  # (q[b,s,H,dk], k[b,T,Hk,dk], v[b,T,Hk,dv]) causal, scale
+    ADD = "add"
+    MUL = "mul"
+    SILU = "silu"
+    SPLIT = "split"  # axis, sizes -> len(sizes) outputs
+    CONCAT = "concat"  # axis
+    RESHAPE = "reshape"  # shape: ints, 0 copies the input dim at that index
+    EXPAND = "expand"  # axis, size: broadcast a size-1 axis
+    MOE_ROUTE = "moe_route"  # (x, gate[E,H], bias[E]?) -> (weights[b,s,k], experts[b,s,k])
+    MOE_COMBINE = "moe_combine"  # (weights, experts, y_0 ... y_{E-1}) -> sum_k weights * y_experts
+
+
+class WeightSource(Protocol):
+    """Produces a weight tensor on demand. ``describe`` says where it comes from, for the printer."""
+
+    def load(self) -> torch.Tensor: ...
+
+    def describe(self) -> str: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Transformed:
+    """A weight computed from other weights at write time (transpose, stack, absorb, quantize...)."""
+
+    name: str
+    inputs: tuple[WeightSource, ...]
+    fn: Callable[..., torch.Tensor]
+
+    def load(self) -> torch.Tensor:
+        return self.fn(*(s.load() for s in self.inputs))
+
+    def describe(self) -> str:
+        return f"{self.name}({', '.join(s.describe() for s in self.inputs)})"
+
+
+@dataclass(frozen=True, slots=True)
+class Constant:
+    """A small tensor built by the compiler itself."""
+
+    tensor: torch.Tensor
+    label: str = "const"
+
+    def load(self) -> torch.Tensor:
+        return self.tensor
+
+    def describe(self) -> str:
+        return self.label
+
+
+@dataclass(frozen=True, slots=True)
+class Value:
+    name: str
+    type: TensorType
+
+    def __str__(self) -> str:
+        return f"%{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class Weight:
+    value: Value
+    source: WeightSource
+
+    @property
+    def name(self) -> str:
+        return self.value.name
+
+    @property
+    def nbytes(self) -> int:
+        return (self.value.type.numel() or 0) * self.value.type.dtype.itemsize
+
+    def load(self) -> torch.Tensor:
+        t = self.source.load()
+        want = self.value.type
+        if tuple(t.shape) != want.shape or t.dtype != want.dtype.torch:
+            raise AssertionError(f"weight {self.name}: source gave {t.dtype}{list(t.shape)}, IR says {want}")
+        return t
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Node:
+    op: Op
+    name: str
+    inputs: tuple[Value, ...]
+    outputs: tuple[Value, ...]
+    attrs: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def output(self) -> Value:
+        assert len(self.outputs) == 1, f"{self.name} has {len(self.outputs)} outputs"
+        return self.outputs[0]
+
+
+class Graph:
+    """Inputs, outputs, weights and an ordered list of nodes (always kept in topological order)."""
+
+    def __init__(self, name: str = "graph") -> None:
+        self.name = name
+        self.inputs: list[Value] = []
+        self.outputs: list[Value] = []
+        self.nodes: list[Node] = []
+        self.weights: dict[str, Weight] = {}
+        self.meta: dict[str, Any] = {}
+
+    # -- queries -------------------------------------------------------------------------------
+    def producers(self) -> dict[str, Node]:
+        return {v.name: n for n in self.nodes for v in n.outputs}
+
+    def consumers(self) -> dict[str, list[Node]]:
+        users: dict[str, list[Node]] = {}
+        for n in self.nodes:
+            for v in n.inputs:
+                users.setdefault(v.name, []).append(n)
+        return users
+
+    def values(self) -> Iterator[Value]:
+        yield from self.inputs
+        yield from (w.value for w in self.weights.values())
+        for n in self.nodes:
+            yield from n.outputs
+
+    def op_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for n in self.nodes:
+            counts[n.op.value] = counts.get(n.op.value, 0) + 1
+        return dict(sorted(counts.items()))
+
+    def weight_bytes(self) -> int:
+        return sum(w.nbytes for w in self.weights.values())
+
+    def param_count(self) -> int:
+        return sum(w.value.type.numel() or 0 for w in self.weights.values())
+
+    # -- edits ---------------------------------------------------------------------------------
+    def replace_uses(self, old: Value, new: Value) -> None:
+        """Point every use of ``old`` (node inputs and graph outputs) at ``new``."""
+        for i, n in enumerate(self.nodes):
+            if old in n.inputs:
+                ins = tuple(new if v == old else v for v in n.inputs)
+                self.nodes[i] = Node(n.op, n.name, ins, n.outputs, n.attrs, n.meta)
+        self.outputs = [new if v == old else v for v in self.outputs]
+
+    def remove_dead(self) -> int:
+        """Drop nodes and weights nothing reaches from the outputs. Returns how many nodes went."""
+        live = {v.name for v in self.outputs}
+        kept: list[Node] = []
+        for n in reversed(self.nodes):
+            if any(v.name in live for v in n.outputs):
+                kept.append(n)
+                live.update(v.name for v in n.inputs)
+        removed = len(self.nodes) - len(kept)
+        self.nodes = kept[::-1]
+        self.weights = {k: w for k, w in self.weights.items() if k in live}
+        return removed
+
+    def clone(self) -> Graph:
+        """A shallow copy: nodes and weights are immutable, so sharing them is safe."""
+        g = Graph(self.name)
+        g.inputs, g.outputs, g.nodes = list(self.inputs), list(self.outputs), list(self.nodes)
+        g.weights, g.meta = dict(self.weights), dict(self.meta)
+        return g
+
+
+class GraphBuilder:
+    """Appends nodes with shape inference and unique names. Used by the frontend and by passes."""
+
+    def __init__(self, graph: Graph | None = None) -> None:
+        self.graph = graph if graph is not None else Graph()
+        taken = {v.name for v in self.graph.values()} | {n.name for n in self.graph.nodes}
+        self._taken = taken
+        self._counter = itertools.count()
+
+    def fresh(self, hint: str) -> str:
+        name = hint
+        while name in self._taken:
+            name = f"{hint}_{next(self._counter)}"
+        self._taken.add(name)
+        return name
+
+    def input(self, name: str, dtype: DType, shape: Sequence) -> Value:
+        v = Value(self.fresh(name), TensorType(dtype, tuple(shape)))
+        self.graph.inputs.append(v)
+        return v
+
+    def weight(self, name: str, dtype: DType, shape: Sequence[int], source: WeightSource) -> Value:
+        if name in self.graph.weights:
+            return self.graph.weights[name].value
+        v = Value(self.fresh(name), TensorType(dtype, tuple(shape)))
+        self.graph.weights[v.name] = Weight(v, source)
+        return v
+
+    def op(
+        self,
+        op: Op,
+        inputs: Iterable[Value],
+        attrs: dict[str, Any] | None = None,
+        *,
+        name: str | None = None,
+        out_names: Sequence[str] | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> Node:
+        from dsc.ir.ops import infer_types
+
+        inputs = tuple(inputs)
+        attrs = dict(attrs or {})
+        out_types = infer_types(op, [v.type for v in inputs], attrs)
+        node_name = self.fresh(name or op.value)
+        if out_names is None:
+            out_names = (
+                [node_name] if len(out_types) == 1 else [f"{node_name}.{i}" for i in range(len(out_types))]
+            )
+        outputs = tuple(Value(self.fresh(n), t) for n, t in zip(out_names, out_types, strict=True))
+        node = Node(op, node_name, inputs, outputs, attrs, dict(meta or {}))
+        self.graph.nodes.append(node)
+        return node
+
+    def output(self, value: Value) -> None:
+        self.graph.outputs.append(value)

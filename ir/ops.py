@@ -1,0 +1,273 @@
+"""One schema per op: type inference and the torch reference implementation (the interpreter's).
+
+The reference implementations favour clarity and float32 accuracy over speed; they define what an op
+means, and every backend lowering is tested against them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from dsc.ir.graph import Op
+from dsc.ir.types import Dim, DType, TensorType, dim_add
+
+Attrs = dict[str, Any]
+
+
+class TypeError_(Exception):
+    """An op's inputs or attributes do not fit its schema (a compiler bug, reported by the verifier)."""
+
+
+@dataclass(frozen=True)
+class OpSchema:
+    n_inputs: tuple[int, int | None]  # (min, max); max None = variadic
+    infer: Callable[[list[TensorType], Attrs], list[TensorType]]
+    run: Callable[[list[torch.Tensor], Attrs], list[torch.Tensor]]
+
+
+def _need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise TypeError_(msg)
+
+
+def _same_dim(a: Dim, b: Dim) -> bool:
+    return a == b or a == 1 or b == 1
+
+
+def _broadcast(a: TensorType, b: TensorType) -> TensorType:
+    _need(a.dtype == b.dtype, f"dtype mismatch {a} vs {b}")
+    ra, rb = a.shape[::-1], b.shape[::-1]
+    out = []
+    for i in range(max(len(ra), len(rb))):
+        da = ra[i] if i < len(ra) else 1
+        db = rb[i] if i < len(rb) else 1
+        _need(_same_dim(da, db), f"cannot broadcast {a} with {b}")
+        out.append(db if da == 1 else da)
+    return a.with_shape(tuple(out[::-1]))
+
+
+def _axis(axis: int, rank: int) -> int:
+    _need(-rank <= axis < rank, f"axis {axis} out of range for rank {rank}")
+    return axis % rank
+
+
+# -- inference -------------------------------------------------------------------------------------
+def _infer_embedding(t: list[TensorType], a: Attrs) -> list[TensorType]:
+    ids, table = t
+    _need(ids.dtype in (DType.I64, DType.I32), "embedding ids must be integers")
+    _need(table.rank == 2, "embedding table must be 2-D")
+    return [TensorType(table.dtype, ids.shape + (table.shape[1],))]
+
+
+def _infer_linear(t: list[TensorType], a: Attrs) -> list[TensorType]:
+    x, w = t
+    _need(w.rank == 2, f"linear weight must be 2-D, got {w}")
+    _need(x.shape[-1] == w.shape[1], f"linear: input {x} does not match weight {w}")
+    return [TensorType(x.dtype, x.shape[:-1] + (w.shape[0],))]
+
+
+def _infer_rms_norm(t: list[TensorType], a: Attrs) -> list[TensorType]:
+    x, w = t
+    _need(w.shape == (x.shape[-1],), f"rms_norm weight {w} does not match input {x}")
+    return [x]
+
+
+def _infer_rope(t: list[TensorType], a: Attrs) -> list[TensorType]:
+    x, pos = t
+    _need(pos.rank == 2 and x.shape[:2] == pos.shape, f"rope positions {pos} do not match input {x}")
+    _need(
+        x.shape[-1] == 2 * len(a["inv_freq"]), f"rope: {len(a['inv_freq'])} frequencies for dim {x.shape[-1]}"
+    )
+    return [x]
+
+
+def _infer_attention(t: list[TensorType], a: Attrs) -> list[TensorType]:
+    q, k, v = t
+    _need(q.rank == k.rank == v.rank == 4, "attention takes [batch, seq, heads, dim] tensors")
+    _need(q.shape[-1] == k.shape[-1], f"attention: q {q} and k {k} differ in head dim")
+    _need(k.shape[:3] == v.shape[:3], f"attention: k {k} and v {v} differ")
+    _need(k.shape[2] in (1, q.shape[2]), f"attention: {k.shape[2]} kv heads for {q.shape[2]} query heads")
+    return [q.with_shape(q.shape[:3] + (v.shape[3],))]
+
+
+def _infer_binary(t: list[TensorType], a: Attrs) -> list[TensorType]:
+    return [_broadcast(t[0], t[1])]
+
+
+def _infer_unary(t: list[TensorType], a: Attrs) -> list[TensorType]:
+    return [t[0]]
+
+
+def _infer_split(t: list[TensorType], a: Attrs) -> list[TensorType]:
+    (x,) = t
+    ax = _axis(a["axis"], x.rank)
+    _need(sum(a["sizes"]) == x.shape[ax], f"split sizes {a['sizes']} do not sum to {x.shape[ax]}")
+    return [x.with_shape(x.shape[:ax] + (s,) + x.shape[ax + 1 :]) for s in a["sizes"]]
+
+
+def _infer_concat(t: list[TensorType], a: Attrs) -> list[TensorType]:
+    ax = _axis(a["axis"], t[0].rank)
+    for other in t[1:]:
+        _need(other.dtype == t[0].dtype and other.rank == t[0].rank, f"concat: {t[0]} vs {other}")
+        for i in range(t[0].rank):
+            _need(i == ax or other.shape[i] == t[0].shape[i], f"concat: {t[0]} vs {other} off axis {ax}")
+    return [t[0].with_shape(t[0].shape[:ax] + (dim_add(*(x.shape[ax] for x in t)),) + t[0].shape[ax + 1 :])]
+
+
+def _infer_reshape(t: list[TensorType], a: Attrs) -> list[TensorType]:
+    (x,) = t
+    shape = a["shape"]
+    out = tuple(x.shape[i] if s == 0 else s for i, s in enumerate(shape))
+    copied = {i for i, s in enumerate(shape) if s == 0}
+    _need(all(i < x.rank for i in copied), "reshape copies a dim past the input's rank")
+    rest_in = [d for i, d in enumerate(x.shape) if i not in copied]
+    rest_out = [d for i, d in enumerate(out) if i not in copied]
+    _need(all(isinstance(d, int) for d in rest_in + rest_out), f"reshape {x} -> {shape} moves a symbolic dim")
+    _need(_prod(rest_in) == _prod(rest_out), f"reshape {x} -> {out} changes the element count")
+    return [x.with_shape(out)]
+
+
+def _prod(dims: list) -> int:
+    p = 1
+    for d in dims:
+        p *= d
+    return p
+
+
+def _infer_expand(t: list[TensorType], a: Attrs) -> list[TensorType]:
+    (x,) = t
+    ax = _axis(a["axis"], x.rank)
+    _need(x.shape[ax] == 1, f"expand axis {ax} of {x} is not 1")
+    return [x.with_shape(x.shape[:ax] + (a["size"],) + x.shape[ax + 1 :])]
+
+
+def _infer_moe_route(t: list[TensorType], a: Attrs) -> list[TensorType]:
+    x, gate = t[0], t[1]
+    _need(gate.shape == (a["num_experts"], x.shape[-1]), f"moe_route gate {gate} does not match {x}")
+    if len(t) == 3:
+        _need(t[2].shape == (a["num_experts"],), f"moe_route bias {t[2]}")
+    lead = x.shape[:-1] + (a["top_k"],)
+    return [TensorType(DType.F32, lead), TensorType(DType.I64, lead)]
+
+
+def _infer_moe_combine(t: list[TensorType], a: Attrs) -> list[TensorType]:
+    w, idx, ys = t[0], t[1], t[2:]
+    _need(len(ys) == a["num_experts"], f"moe_combine: {len(ys)} expert outputs, {a['num_experts']} experts")
+    _need(w.shape == idx.shape, "moe_combine weights and experts differ in shape")
+    _need(all(y == ys[0] for y in ys), "moe_combine expert outputs differ in type")
+    return [ys[0]]
+
+
+# -- reference implementations ------------------------------------------------------------------------
+def _run_rope(x: torch.Tensor, pos: torch.Tensor, a: Attrs) -> torch.Tensor:
+    inv_freq = torch.tensor(a["inv_freq"], dtype=torch.float32)
+    freqs = pos.to(torch.float32)[..., None] * inv_freq  # [b, s, d/2]
+    cos, sin = freqs.cos() * a["scaling"], freqs.sin() * a["scaling"]
+    if x.dim() == 4:
+        cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    xf = x.to(torch.float32)
+    half = xf.shape[-1] // 2
+    if a["interleaved"]:  # DeepSeek: rotate adjacent pairs (x[2i], x[2i+1]) by frequency i
+        x1, x2 = xf[..., 0::2], xf[..., 1::2]
+        out = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
+    else:  # rotate_half layout: pair (x[i], x[i + d/2])
+        x1, x2 = xf[..., :half], xf[..., half:]
+        out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return out.to(x.dtype)
+
+
+def _run_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: Attrs) -> torch.Tensor:
+    s, t = q.shape[1], k.shape[1]
+    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, h, len, d]
+    scores = torch.matmul(qh.float(), kh.float().transpose(-1, -2)) * a["scale"]
+    # Causal with the cache in front: query i sits at absolute position (t - s) + i.
+    mask = torch.arange(t)[None, :] > (torch.arange(s)[:, None] + (t - s))
+    scores = scores.masked_fill(mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return torch.matmul(probs, vh.float()).transpose(1, 2).to(q.dtype)
+
+
+def route(x: torch.Tensor, gate: torch.Tensor, bias: torch.Tensor | None, a: Attrs):
+    """DeepSeek routing (DESIGN.md §3): returns (weights [..., k] float32, experts [..., k] int64)."""
+    logits = x.float() @ gate.float().t()
+    n_exp, k, groups, keep = a["num_experts"], a["top_k"], a["n_group"], a["topk_group"]
+    if a["scoring"] == "sigmoid":
+        scores = logits.sigmoid()
+    else:
+        scores = logits.softmax(dim=-1)
+    choice = scores + bias.float() if bias is not None else scores
+    if a["method"] in ("noaux_tc", "group_limited_greedy") and groups > 1:
+        grouped = choice.unflatten(-1, (groups, n_exp // groups))
+        if a["method"] == "noaux_tc":
+            group_scores = grouped.topk(2, dim=-1).values.sum(-1)
+        else:
+            group_scores = grouped.max(dim=-1).values
+        top_groups = group_scores.topk(keep, dim=-1).indices
+        group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter(-1, top_groups, True)
+        expert_mask = group_mask[..., None].expand(grouped.shape).flatten(-2)
+        fill = float("-inf") if a["method"] == "noaux_tc" else 0.0
+        choice = choice.masked_fill(~expert_mask, fill)
+    experts = choice.topk(k, dim=-1).indices
+    weights = scores.gather(-1, experts)
+    if a["norm_topk_prob"] and k > 1:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    return weights * a["scaling"], experts
+
+
+def _run_moe_combine(ins: list[torch.Tensor], a: Attrs) -> torch.Tensor:
+    w, idx, ys = ins[0], ins[1], torch.stack(ins[2:], dim=-2)  # ys [..., E, H]
+    dense = torch.zeros(w.shape[:-1] + (a["num_experts"],), dtype=torch.float32).scatter(-1, idx, w)
+    return (dense[..., None, :] @ ys.float()).squeeze(-2).to(ys.dtype)
+
+
+def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    return (w.float() * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps))).to(x.dtype)
+
+
+def _reshape(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    return x.reshape(tuple(x.shape[i] if s == 0 else s for i, s in enumerate(shape)))
+
+
+def _expand(x: torch.Tensor, a: Attrs) -> torch.Tensor:
+    sizes = [-1] * x.dim()
+    sizes[a["axis"]] = a["size"]
+    return x.expand(sizes)
+
+
+SCHEMAS: dict[Op, OpSchema] = {
+    Op.EMBEDDING: OpSchema((2, 2), _infer_embedding, lambda i, a: [F.embedding(i[0], i[1])]),
+    Op.LINEAR: OpSchema((2, 2), _infer_linear, lambda i, a: [F.linear(i[0], i[1].to(i[0].dtype))]),
+    Op.RMS_NORM: OpSchema((2, 2), _infer_rms_norm, lambda i, a: [_rms_norm(i[0], i[1], a["eps"])]),
+    Op.ROPE: OpSchema((2, 2), _infer_rope, lambda i, a: [_run_rope(i[0], i[1], a)]),
+    Op.ATTENTION: OpSchema((3, 3), _infer_attention, lambda i, a: [_run_attention(*i, a)]),
+    Op.ADD: OpSchema((2, 2), _infer_binary, lambda i, a: [i[0] + i[1]]),
+    Op.MUL: OpSchema((2, 2), _infer_binary, lambda i, a: [i[0] * i[1]]),
+    Op.SILU: OpSchema((1, 1), _infer_unary, lambda i, a: [F.silu(i[0])]),
+    Op.SPLIT: OpSchema(
+        (1, 1), _infer_split, lambda i, a: list(torch.split(i[0], list(a["sizes"]), a["axis"]))
+    ),
+    Op.CONCAT: OpSchema((1, None), _infer_concat, lambda i, a: [torch.cat(i, a["axis"])]),
+    Op.RESHAPE: OpSchema((1, 1), _infer_reshape, lambda i, a: [_reshape(i[0], a["shape"])]),
+    Op.EXPAND: OpSchema((1, 1), _infer_expand, lambda i, a: [_expand(i[0], a)]),
+    Op.MOE_ROUTE: OpSchema(
+        (2, 3), _infer_moe_route, lambda i, a: list(route(i[0], i[1], i[2] if len(i) > 2 else None, a))
+    ),
+    Op.MOE_COMBINE: OpSchema((3, None), _infer_moe_combine, lambda i, a: [_run_moe_combine(i, a)]),
+}
+
+
+def infer_types(op: Op, inputs: list[TensorType], attrs: Attrs) -> list[TensorType]:
+    schema = SCHEMAS[op]
+    lo, hi = schema.n_inputs
+    if len(inputs) < lo or (hi is not None and len(inputs) > hi):
+        raise TypeError_(f"{op.value} takes {lo}..{hi or 'n'} inputs, got {len(inputs)}")
+    return schema.infer(inputs, attrs)
+
+
+def run_op(op: Op, inputs: list[torch.Tensor], attrs: Attrs) -> list[torch.Tensor]:
+    return SCHEMAS[op].run(inputs, attrs)

@@ -1,0 +1,140 @@
+"""Tensor types of the IR: element dtypes and shapes with symbolic dimensions.
+
+A dimension is an int (static) or a string (symbolic): a plain name such as ``"batch"``, ``"seq"``,
+``"past"``, or a sum of names and ints written ``"past+seq"``. Sums are kept canonical (terms sorted,
+constants folded) so two values built along different paths compare equal.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+
+Dim = int | str
+
+
+class DType(enum.Enum):
+    F32 = "float32"
+    F16 = "float16"
+    BF16 = "bfloat16"
+    F8E4M3 = "float8_e4m3fn"
+    I64 = "int64"
+    I32 = "int32"
+    BOOL = "bool"
+
+    @property
+    def torch(self) -> torch.dtype:
+        return getattr(torch, self.value)
+
+    @property
+    def itemsize(self) -> int:
+        return torch.empty((), dtype=self.torch).element_size()
+
+    @property
+    def is_float(self) -> bool:
+        return self in (DType.F32, DType.F16, DType.BF16, DType.F8E4M3)
+
+    @property
+    def short(self) -> str:
+        return _SHORT[self]
+
+    @classmethod
+    def from_torch(cls, dtype: torch.dtype) -> DType:
+        for member in cls:
+            if member.torch == dtype:
+                return member
+        raise ValueError(f"no IR dtype for torch dtype {dtype}")
+
+
+_SHORT = {
+    DType.F32: "f32",
+    DType.F16: "f16",
+    DType.BF16: "bf16",
+    DType.F8E4M3: "f8e4m3",
+    DType.I64: "i64",
+    DType.I32: "i32",
+    DType.BOOL: "bool",
+}
+
+
+def _terms(dim: Dim) -> tuple[list[str], int]:
+    if isinstance(dim, int):
+        return [], dim
+    names, const = [], 0
+    for term in dim.split("+"):
+        if term.lstrip("-").isdigit():
+            const += int(term)
+        else:
+            names.append(term)
+    return names, const
+
+
+def dim_add(*dims: Dim) -> Dim:
+    """The canonical sum of dimensions: ``dim_add("seq", "past") == "past+seq"``."""
+    names: list[str] = []
+    const = 0
+    for dim in dims:
+        n, c = _terms(dim)
+        names += n
+        const += c
+    if not names:
+        return const
+    parts = sorted(names) + ([str(const)] if const else [])
+    return "+".join(parts)
+
+
+def is_static(dim: Dim) -> bool:
+    return isinstance(dim, int)
+
+
+@dataclass(frozen=True, slots=True)
+class TensorType:
+    dtype: DType
+    shape: tuple[Dim, ...]
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
+
+    def numel(self) -> int | None:
+        """Element count when every dimension is static, else None."""
+        n = 1
+        for d in self.shape:
+            if not isinstance(d, int):
+                return None
+            n *= d
+        return n
+
+    def with_shape(self, shape: tuple[Dim, ...]) -> TensorType:
+        return TensorType(self.dtype, tuple(shape))
+
+    def with_dtype(self, dtype: DType) -> TensorType:
+        return TensorType(dtype, self.shape)
+
+    def __str__(self) -> str:
+        return f"{self.dtype.short}[{','.join(str(d) for d in self.shape)}]"
+
+
+def bind_dims(shape: tuple[Dim, ...], actual: tuple[int, ...], env: dict[str, int]) -> str | None:
+    """Bind symbolic names of ``shape`` against a concrete shape, extending ``env``.
+
+    Returns None on success, else a sentence saying which dimension disagrees.
+    """
+    if len(shape) != len(actual):
+        return f"rank {len(actual)}, expected {len(shape)}"
+    for i, (want, got) in enumerate(zip(shape, actual, strict=True)):
+        names, const = _terms(want)
+        if not names:
+            if const != got:
+                return f"dim {i} is {got}, expected {const}"
+        elif len(names) == 1 and names[0] not in env:
+            env[names[0]] = got - const
+        else:
+            unknown = [n for n in names if n not in env]
+            if unknown:
+                continue  # a sum with unknown terms cannot be checked yet
+            if sum(env[n] for n in names) + const != got:
+                return f"dim {i} is {got}, expected {want}={sum(env[n] for n in names) + const}"
+    return None
