@@ -192,15 +192,17 @@ class GraphBuilder:
 
     def __init__(self, graph: Graph | None = None) -> None:
         self.graph = graph if graph is not None else Graph()
-        taken = {v.name for v in self.graph.values()} | {n.name for n in self.graph.nodes}
-        self._taken = taken
+        self._values = {v.name for v in self.graph.values()}
+        self._nodes = {n.name for n in self.graph.nodes}
         self._counter = itertools.count()
 
-    def fresh(self, hint: str) -> str:
+    def fresh(self, hint: str, *, node: bool = False) -> str:
+        """A unique value name (or node name: nodes and values have separate namespaces)."""
+        taken = self._nodes if node else self._values
         name = hint
-        while name in self._taken:
+        while name in taken:
             name = f"{hint}_{next(self._counter)}"
-        self._taken.add(name)
+        taken.add(name)
         return name
 
     def input(self, name: str, dtype: DType, shape: Sequence) -> Value:
@@ -230,7 +232,7 @@ class GraphBuilder:
         inputs = tuple(inputs)
         attrs = dict(attrs or {})
         out_types = infer_types(op, [v.type for v in inputs], attrs)
-        node_name = self.fresh(name or op.value)
+        node_name = self.fresh(name or op.value, node=True)
         if out_names is None:
             out_names = (
                 [node_name] if len(out_types) == 1 else [f"{node_name}.{i}" for i in range(len(out_types))]

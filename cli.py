@@ -1,0 +1,253 @@
+"""The dsc command line: argument parsing and error reporting only; the work lives in the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from dsc import __version__
+from dsc.errors import DscError
+
+EXAMPLES = """\
+examples:
+  dsc make-model bench -o bench/                 # random-weight DeepSeek-V3-format checkpoint
+  dsc compile bench/ -o bench.onnx               # checkpoint -> optimized ONNX engine + manifest
+  dsc run bench.onnx --prompt-ids 1,2,3 --max-new-tokens 32
+  dsc verify bench/ bench.onnx                   # engine vs the reference interpreter
+  dsc inspect bench.onnx
+"""
+
+
+def _ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of token ids") from None
+    if not ids or min(ids) < 0:
+        raise argparse.ArgumentTypeError(f"'{text}': need at least one non-negative token id")
+    return ids
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"'{text}' must be positive")
+    return value
+
+
+def _names(text: str) -> list[str]:
+    return [t for t in text.split(",") if t]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dsc",
+        description="dsc compiles DeepSeek-V2/V3-style Mixture-of-Experts checkpoints into optimized engines "
+        "(ONNX for onnxruntime, TensorRT plans) and runs them.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"dsc {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    c = sub.add_parser(
+        "compile",
+        help="compile a checkpoint into an engine",
+        description="Compile a Hugging Face DeepSeek-V3/V2 checkpoint (model.safetensors with "
+        "config.json beside it, a model directory, or a sharded model.safetensors.index.json) "
+        "into an engine. The output suffix picks the backend: .onnx -> ONNX, .plan/.engine -> "
+        "TensorRT. A manifest (<name>.manifest.json) is written beside the engine.",
+    )
+    c.add_argument("model", type=Path, help="checkpoint file, directory, or index json")
+    c.add_argument("-o", "--output", type=Path, required=True, help="engine path (.onnx, .plan, .engine)")
+    c.add_argument(
+        "--backend", choices=["onnx", "tensorrt"], help="override the backend chosen by the suffix"
+    )
+    c.add_argument("--passes", type=_names, metavar="A,B", help="run exactly these passes, in this order")
+    c.add_argument(
+        "--disable-pass",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="drop a pass from the pipeline (repeatable)",
+    )
+    c.add_argument("--print-ir-after-all", action="store_true", help="print the IR after every pass (stderr)")
+    c.add_argument(
+        "--print-ir-after-change", action="store_true", help="print the IR after passes that changed it"
+    )
+    c.add_argument(
+        "--dump-ir-dir", type=Path, metavar="DIR", help="write the IR after each pass to DIR/NNN_pass.txt"
+    )
+    c.add_argument(
+        "--external-data",
+        action="store_true",
+        help="always put weights in <engine>.data (default: only past 2 GB)",
+    )
+    c.add_argument("-q", "--quiet", action="store_true", help="print only the closing summary")
+
+    r = sub.add_parser(
+        "run",
+        help="generate tokens with an engine",
+        description="Greedy generation with the KV cache. Prints the generated token ids and "
+        "decode tokens/s.",
+    )
+    r.add_argument("engine", type=Path)
+    g = r.add_mutually_exclusive_group(required=True)
+    g.add_argument("--prompt-ids", type=_ids, metavar="1,2,3", help="prompt token ids")
+    g.add_argument(
+        "--prompt", metavar="TEXT", help="prompt text (needs the tokenizer.json the compile copied)"
+    )
+    r.add_argument("--max-new-tokens", type=_positive, default=32)
+    r.add_argument("--threads", type=_positive, help="onnxruntime intra-op threads (default: all cores)")
+    r.add_argument(
+        "--json", action="store_true", help="print one JSON object: tokens, tokens_per_s, prefill_s"
+    )
+
+    i = sub.add_parser("inspect", help="summarize a checkpoint, config.json or engine")
+    i.add_argument("path", type=Path)
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+
+    v = sub.add_parser(
+        "verify",
+        help="check an engine against the reference interpreter",
+        description="Run the engine and dsc's reference interpreter (the traced model, no "
+        "optimizations, torch float32) on the same prompt: prefill plus decode steps fed the "
+        "same tokens. Prints max abs/rel logit error and greedy top-1 agreement; exits 1 when "
+        "the relative error passes --tolerance or top-1 agreement is below --min-agreement.",
+    )
+    v.add_argument("model", type=Path)
+    v.add_argument("engine", type=Path)
+    v.add_argument("--prompt-ids", type=_ids, metavar="1,2,3", help="prompt (default: 16 seeded random ids)")
+    v.add_argument("--steps", type=_positive, default=8, help="decode steps to compare (default 8)")
+    v.add_argument("--tolerance", type=float, default=1e-4, help="max relative logit error (default 1e-4)")
+    v.add_argument(
+        "--min-agreement", type=float, default=1.0, help="min greedy top-1 agreement (default 1.0)"
+    )
+    v.add_argument("--seed", type=int, default=0)
+
+    m = sub.add_parser("make-model", help="write a random-weight checkpoint in the Hugging Face format")
+    m.add_argument("preset", help="tiny or bench")
+    m.add_argument("-o", "--output", type=Path, required=True, help="directory to create")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--fp8", action="store_true", help="store linear weights as FP8 with 128x128 block scales")
+    m.add_argument("--shards", type=_positive, default=1, help="write a sharded index checkpoint")
+    return p
+
+
+def _log(quiet: bool):
+    def log(msg: str) -> None:
+        if not quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    return log
+
+
+def cmd_compile(a: argparse.Namespace) -> int:
+    from dsc.compiler import CompileOptions, compile_model
+
+    opts = CompileOptions(
+        passes=a.passes,
+        disable_passes=tuple(a.disable_pass),
+        backend=a.backend,
+        print_ir_after_all=a.print_ir_after_all,
+        print_ir_after_change=a.print_ir_after_change,
+        dump_ir_dir=a.dump_ir_dir,
+        external_data=True if a.external_data else None,
+    )
+    summary = compile_model(a.model, a.output, opts, log=_log(a.quiet))
+    print("\n".join(summary.lines()))
+    return 0
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    from dsc.runtime.engine import load_engine
+    from dsc.runtime.generate import generate
+    from dsc.runtime.tokenizer import load_tokenizer
+
+    engine = load_engine(a.engine, threads=a.threads)
+    tokenizer = None
+    if a.prompt is not None:
+        tokenizer = load_tokenizer(a.engine, engine.manifest)
+        prompt = tokenizer.encode(a.prompt)
+    else:
+        prompt = a.prompt_ids
+    vocab = engine.manifest["model"]["config"]["vocab_size"]
+    if max(prompt) >= vocab:
+        raise DscError(f"--prompt-ids: token id {max(prompt)} is outside the vocabulary (size {vocab})")
+    result = generate(engine, [prompt], a.max_new_tokens)
+    tokens = result.tokens[0]
+    if a.json:
+        print(
+            json.dumps({"tokens": tokens, "tokens_per_s": result.tokens_per_s, "prefill_s": result.prefill_s})
+        )
+        return 0
+    print("tokens: " + ",".join(str(t) for t in tokens))
+    if tokenizer is not None:
+        print("text:   " + tokenizer.decode(tokens))
+    print(
+        f"prefill {result.prefill_s * 1000:.1f} ms ({len(prompt)} tokens), decode {result.tokens_per_s:.1f} tokens/s"
+    )
+    return 0
+
+
+def cmd_inspect(a: argparse.Namespace) -> int:
+    from dsc.inspector import inspect_path
+
+    info, text = inspect_path(a.path)
+    print(json.dumps(info, indent=2, sort_keys=True) if a.json else text)
+    return 0
+
+
+def cmd_verify(a: argparse.Namespace) -> int:
+    from dsc.verify import verify_engine
+
+    report = verify_engine(a.model, a.engine, prompt=a.prompt_ids, steps=a.steps, seed=a.seed)
+    print(report.text())
+    ok = report.max_rel <= a.tolerance and report.agreement >= a.min_agreement
+    print(
+        f"{'PASS' if ok else 'FAIL'}: rel error {report.max_rel:.3g} (tolerance {a.tolerance:g}), "
+        f"top-1 agreement {report.agreement:.3f} (min {a.min_agreement:g})"
+    )
+    return 0 if ok else 1
+
+
+def cmd_make_model(a: argparse.Namespace) -> int:
+    from dsc.frontends.presets import PRESETS, make_model
+
+    if a.preset not in PRESETS:
+        raise DscError(f"unknown preset '{a.preset}'; choose one of: {', '.join(sorted(PRESETS))}")
+    if a.output.exists() and any(a.output.iterdir()) if a.output.is_dir() else a.output.exists():
+        raise DscError(f"{a.output}: already exists and is not an empty directory")
+    path = make_model(a.preset, a.output, seed=a.seed, fp8=a.fp8, shards=a.shards, progress=_log(False))
+    print(f"wrote {a.preset} checkpoint to {path}")
+    return 0
+
+
+COMMANDS = {
+    "compile": cmd_compile,
+    "run": cmd_run,
+    "inspect": cmd_inspect,
+    "verify": cmd_verify,
+    "make-model": cmd_make_model,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except DscError as exc:
+        print(f"dsc: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dsc: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,289 @@
+"""The compile driver: checkpoint -> IR -> passes -> backend engine + manifest, with a stage report."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dsc import __version__
+from dsc.errors import CompileError
+from dsc.ir.graph import Graph, Op
+from dsc.passes.manager import PassManager
+from dsc.passes.pipeline import build_pipeline
+from dsc.runtime.engine import manifest_path
+
+BACKENDS = {".onnx": "onnx", ".plan": "tensorrt", ".engine": "tensorrt"}
+
+
+@dataclass
+class CompileOptions:
+    passes: list[str] | None = None  # None = the default pipeline
+    disable_passes: tuple[str, ...] = ()
+    backend: str | None = None  # None = from the output suffix
+    print_ir_after_all: bool = False
+    print_ir_after_change: bool = False
+    dump_ir_dir: Path | None = None
+    external_data: bool | None = None  # None = only when the weights pass 2 GB
+
+
+@dataclass
+class CompileSummary:
+    output: Path
+    files: list[Path]
+    stages: dict[str, float] = field(default_factory=dict)
+    params: int = 0
+    active_params: int = 0
+    nodes: int = 0
+    engine_bytes: int = 0
+    kv_bytes_per_token: int = 0
+    checkpoint_bytes: int = 0
+    peak_rss_bytes: int = 0
+    baseline_rss_bytes: int = 0
+    passes: list[dict[str, Any]] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        mb = 1024 * 1024
+        growth = self.peak_rss_bytes - self.baseline_rss_bytes
+        return [
+            f"engine       {self.output} ({self.engine_bytes / mb:.1f} MB in {len(self.files)} file(s))",
+            f"params       {self.params:,} total, {self.active_params:,} active per token",
+            f"graph        {self.nodes} IR nodes",
+            f"kv cache     {self.kv_bytes_per_token:,} bytes per token (all layers)",
+            "stages       " + ", ".join(f"{k} {v:.2f}s" for k, v in self.stages.items()),
+            f"peak memory  {self.peak_rss_bytes / mb:.0f} MB RSS, +{growth / mb:.0f} MB over the "
+            f"{self.baseline_rss_bytes / mb:.0f} MB baseline (checkpoint {self.checkpoint_bytes / mb:.0f} MB)",
+        ]
+
+
+def current_rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def active_params(graph: Graph) -> int:
+    """Parameters read per token: all weights but the unchosen routed experts and all but one embedding row."""
+    total = graph.param_count()
+    inactive = 0
+    for node in graph.nodes:
+        if node.op == Op.EMBEDDING:
+            table = node.inputs[1].type.shape
+            inactive += (table[0] - 1) * table[1]
+        if node.op == Op.MOE_ROUTE:
+            layer_prefix = node.inputs[1].name.rsplit(".gate.", 1)[0] + ".experts."
+            routed = sum(
+                w.value.type.numel() or 0
+                for name, w in graph.weights.items()
+                if name.startswith(layer_prefix)
+            )
+            e, k = node.attrs["num_experts"], node.attrs["top_k"]
+            inactive += routed * (e - k) // e
+    return total - inactive
+
+
+def kv_cache_layout(graph: Graph) -> list[dict[str, Any]]:
+    tensors = []
+    outputs = {v.name: v for v in graph.outputs}
+    for v in graph.inputs:
+        if v.name.startswith("past_key_values."):
+            out = v.name.replace("past_key_values.", "present.")
+            assert out in outputs, f"cache input {v.name} has no output {out}"
+            tensors.append(
+                {"input": v.name, "output": out, "shape": list(v.type.shape), "dtype": v.type.dtype.value}
+            )
+    return tensors
+
+
+def kv_bytes_per_token(graph: Graph) -> int:
+    total = 0
+    for v in graph.inputs:
+        if v.name.startswith("past_key_values."):
+            per_token = 1
+            for d in v.type.shape:
+                if isinstance(d, int):
+                    per_token *= d
+            total += per_token * v.type.dtype.itemsize
+    return total
+
+
+def _io(values) -> list[dict[str, Any]]:
+    return [{"name": v.name, "dtype": v.type.dtype.value, "shape": list(v.type.shape)} for v in values]
+
+
+def _sha256(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def build_manifest(
+    graph: Graph, checkpoint, files: list[Path], pm: PassManager, backend: str
+) -> dict[str, Any]:
+    cfg = checkpoint.config
+    skipped = graph.meta.get("skipped_keys", [])
+    return {
+        "format": "dsc-engine",
+        "format_version": 1,
+        "dsc_version": __version__,
+        "backend": backend,
+        "engine_file": files[0].name,
+        "data_files": [p.name for p in files[1:]],
+        "model": {"config": cfg.to_dict()},
+        "io": {"inputs": _io(graph.inputs), "outputs": _io(graph.outputs)},
+        "kv_cache": {
+            "form": "naive-mla",
+            "layout": "[batch, past, heads, dim] per layer; position_ids give absolute positions",
+            "bytes_per_token": kv_bytes_per_token(graph),
+            "tensors": kv_cache_layout(graph),
+        },
+        "weights": {"params": graph.param_count(), "active_params_per_token": active_params(graph)},
+        "passes": [
+            {
+                "name": r.name,
+                "modified": r.modified,
+                "stats": r.stats,
+                "nodes_before": r.nodes_before,
+                "nodes_after": r.nodes_after,
+            }
+            for r in pm.records
+        ],
+        "skipped": {
+            "mtp_layers": cfg.num_nextn_predict_layers,
+            "tensors": len(skipped),
+            "note": "multi-token-prediction layers (num_nextn_predict_layers) are not compiled; "
+            "transformers and DeepSeek's converter skip them too"
+            if cfg.num_nextn_predict_layers
+            else "",
+        },
+        "tokenizer": None,
+        "checksum": {"algorithm": "sha256", "files": [p.name for p in files], "value": _sha256(files)},
+    }
+
+
+def compile_model(
+    model: str | Path,
+    output: str | Path,
+    options: CompileOptions | None = None,
+    log: Callable[[str], None] = print,
+) -> CompileSummary:
+    from dsc.backends.atomic import atomic_write_bytes
+    from dsc.backends.onnx import lower_to_onnx
+    from dsc.backends.onnx_io import save_model
+    from dsc.frontends.loader import load_graph
+
+    options = options or CompileOptions()
+    output = Path(output)
+    backend = options.backend or BACKENDS.get(output.suffix.lower())
+    if backend is None:
+        raise CompileError(
+            f"{output}: unknown output type '{output.suffix}'; use .onnx (ONNX) or .plan (TensorRT)"
+        )
+    if backend == "tensorrt":
+        from dsc.backends.tensorrt_support import require_tensorrt
+
+        require_tensorrt()
+    if not output.parent.exists() or not output.parent.is_dir():
+        raise CompileError(f"{output.parent}: output directory does not exist")
+    baseline = current_rss_bytes()
+    stages: dict[str, float] = {}
+
+    def stage(name: str, start: float) -> float:
+        now = time.perf_counter()
+        stages[name] = now - start
+        log(f"  {name:<8} {stages[name]:6.2f}s")
+        return now
+
+    t = time.perf_counter()
+    log(f"[1/4] reading {model}")
+    checkpoint, graph = load_graph(model)
+    log(
+        f"      {checkpoint.config.model_type}: {checkpoint.config.num_hidden_layers} layers, "
+        f"{graph.param_count():,} params, {len(graph.nodes)} IR nodes"
+    )
+    t = stage("trace", t)
+    log("[2/4] running passes")
+    pm = PassManager(
+        build_pipeline(options.passes, options.disable_passes),
+        print_ir_after_all=options.print_ir_after_all,
+        print_ir_after_change=options.print_ir_after_change,
+        dump_ir_dir=options.dump_ir_dir,
+        emit=log,
+    )
+    graph = pm.run(graph)
+    for r in pm.records:
+        log(
+            f"      {r.name}: {'changed' if r.modified else 'unchanged'} {r.nodes_before}->{r.nodes_after} nodes "
+            f"{json.dumps(r.stats, sort_keys=True)}"
+        )
+    t = stage("passes", t)
+    log("[3/4] lowering to ONNX opset")
+    onnx_model, initializers = lower_to_onnx(graph, producer_version=__version__)
+    t = stage("lower", t)
+    total = sum(_numel(i.shape) * _itemsize(i.dtype) for i in initializers)
+    log(f"[4/4] writing {output} ({total / 2**20:.1f} MB of weights)")
+    last = [0]
+
+    def progress(done: int, all_bytes: int) -> None:
+        pct = 100 * done // max(all_bytes, 1)
+        if pct >= last[0] + 10 or done == all_bytes:
+            last[0] = pct
+            log(f"      {pct:3d}%  {done / 2**20:8.1f} MB")
+
+    files = save_model(
+        onnx_model, initializers, output, external_data=options.external_data, progress=progress
+    )
+    written = list(files)
+    try:
+        manifest = build_manifest(graph, checkpoint, files, pm, backend)
+        if checkpoint.tokenizer_path is not None:
+            tok = output.with_name(output.stem + ".tokenizer.json")
+            atomic_write_bytes(tok, checkpoint.tokenizer_path.read_bytes())
+            written.append(tok)
+            manifest["tokenizer"] = tok.name
+        atomic_write_bytes(
+            manifest_path(output), (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+        )
+    except BaseException:
+        for p in written:  # never leave an engine without its manifest
+            p.unlink(missing_ok=True)
+        raise
+    stage("write", t)
+    return CompileSummary(
+        output=output,
+        files=files,
+        stages=stages,
+        params=graph.param_count(),
+        active_params=active_params(graph),
+        nodes=len(graph.nodes),
+        engine_bytes=sum(p.stat().st_size for p in files),
+        kv_bytes_per_token=kv_bytes_per_token(graph),
+        checkpoint_bytes=sum(p.stat().st_size for p in checkpoint.files),
+        peak_rss_bytes=peak_rss_bytes(),
+        baseline_rss_bytes=baseline,
+        passes=manifest["passes"],
+    )
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _itemsize(dtype) -> int:
+    import torch
+
+    return torch.empty((), dtype=dtype).element_size()

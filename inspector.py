@@ -1,0 +1,133 @@
+"""`dsc inspect`: a readable summary of a checkpoint, a bare config.json, or a compiled engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from dsc.errors import DscError
+
+
+def _fmt_count(n: int) -> str:
+    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
+def _shape_only_provider(key, shape):
+    from dsc.ir.graph import Constant  # noqa: F401  (the source is never loaded)
+    from dsc.ir.types import DType
+
+    class _NotLoaded:
+        def load(self):
+            raise DscError(f"{key}: config-only inspection has no weights")
+
+        def describe(self) -> str:
+            return f"<{key}>"
+
+    return DType.F32, _NotLoaded()
+
+
+def model_summary(cfg, graph) -> dict[str, Any]:
+    from dsc.compiler import active_params, kv_bytes_per_token
+
+    moe_layers = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
+    absorbed = cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
+    return {
+        "model_type": cfg.model_type,
+        "layers": cfg.num_hidden_layers,
+        "dense_layers": [i for i in range(cfg.num_hidden_layers) if i not in moe_layers],
+        "moe_layers": len(moe_layers),
+        "experts": {
+            "routed": cfg.n_routed_experts,
+            "shared": cfg.n_shared_experts,
+            "per_token": cfg.num_experts_per_tok,
+            "groups": cfg.n_group,
+            "topk_group": cfg.topk_group,
+            "scoring": cfg.scoring_func,
+            "method": cfg.topk_method,
+        },
+        "attention": {
+            "heads": cfg.num_attention_heads,
+            "q_lora_rank": cfg.q_lora_rank,
+            "kv_lora_rank": cfg.kv_lora_rank,
+            "qk_nope": cfg.qk_nope_head_dim,
+            "qk_rope": cfg.qk_rope_head_dim,
+            "v": cfg.v_head_dim,
+            "softmax_scale": cfg.softmax_scale,
+        },
+        "params": graph.param_count(),
+        "active_params_per_token": active_params(graph),
+        "fp32_bytes": graph.weight_bytes(),
+        "kv_bytes_per_token_fp32": {"naive": kv_bytes_per_token(graph), "absorbed_latent": absorbed},
+        "mtp_layers_skipped": cfg.num_nextn_predict_layers,
+    }
+
+
+def _model_text(path: Path, s: dict[str, Any]) -> str:
+    e, a, kv = s["experts"], s["attention"], s["kv_bytes_per_token_fp32"]
+    lines = [
+        f"{path}: {s['model_type']}, {s['layers']} layers ({len(s['dense_layers'])} dense: {s['dense_layers']}, "
+        f"{s['moe_layers']} MoE)",
+        f"  params        {_fmt_count(s['params'])} total, {_fmt_count(s['active_params_per_token'])} active per token"
+        f" ({s['fp32_bytes'] / 2**30:.2f} GiB at fp32)",
+        f"  experts       {e['routed']} routed + {e['shared']} shared, top-{e['per_token']}, {e['groups']} groups "
+        f"(keep {e['topk_group']}), {e['scoring']} / {e['method']}",
+        f"  attention     MLA, {a['heads']} heads, q_lora {a['q_lora_rank']}, kv_lora {a['kv_lora_rank']}, "
+        f"nope {a['qk_nope']} + rope {a['qk_rope']}, v {a['v']}, softmax scale {a['softmax_scale']:.7g}",
+        f"  kv cache      {kv['naive']:,} B/token naive (per-head k, v) vs {kv['absorbed_latent']:,} B/token "
+        f"latent ({kv['naive'] / kv['absorbed_latent']:.1f}x), fp32",
+    ]
+    if s["mtp_layers_skipped"]:
+        lines.append(
+            f"  mtp           {s['mtp_layers_skipped']} multi-token-prediction layer(s) present, not compiled"
+        )
+    return "\n".join(lines)
+
+
+def inspect_path(path: Path) -> tuple[dict[str, Any], str]:
+    if path.suffix.lower() in (".onnx", ".plan", ".engine"):
+        return _inspect_engine(path)
+    from dsc.frontends.trace import trace_model
+
+    if path.name == "config.json" or (path.is_dir() and not any(path.glob("*.safetensors*"))):
+        from dsc.frontends.config import load_config
+
+        cfg = load_config(path if path.name == "config.json" else path / "config.json")
+        graph = trace_model(cfg, _shape_only_provider)
+    else:
+        from dsc.frontends.loader import load_graph
+
+        checkpoint, graph = load_graph(path)
+        cfg = checkpoint.config
+    info = model_summary(cfg, graph)
+    return info, _model_text(path, info)
+
+
+def _inspect_engine(path: Path) -> tuple[dict[str, Any], str]:
+    from dsc.runtime.engine import read_manifest
+
+    m = read_manifest(path)
+    cfg = m["model"]["config"]
+    kv = m["kv_cache"]
+    files = [path.with_name(f) for f in [m["engine_file"], *m["data_files"]]]
+    size = sum(f.stat().st_size for f in files if f.exists())
+    missing = [f.name for f in files if not f.exists()]
+    lines = [
+        f"{path}: dsc {m['backend']} engine (dsc {m['dsc_version']}), {size / 2**20:.1f} MB"
+        + (f", MISSING {missing}" if missing else ""),
+        f"  model         {cfg['model_type']}, {cfg['num_hidden_layers']} layers, vocab {cfg['vocab_size']}, "
+        f"{_fmt_count(m['weights']['params'])} params, {_fmt_count(m['weights']['active_params_per_token'])} active",
+        f"  kv cache      {kv['form']}: {kv['bytes_per_token']:,} bytes per token, {len(kv['tensors'])} tensors, "
+        f"{kv['layout']}",
+        "  inputs        "
+        + ", ".join(f"{i['name']}{i['shape']}" for i in m["io"]["inputs"][:4])
+        + (" ..." if len(m["io"]["inputs"]) > 4 else ""),
+        "  passes        "
+        + (", ".join(p["name"] for p in m["passes"] if p["modified"]) or "none changed the IR"),
+        f"  checksum      sha256 {m['checksum']['value'][:16]}...",
+    ]
+    if m["skipped"]["mtp_layers"]:
+        lines.append(f"  skipped       {m['skipped']['note']}")
+    return m, "\n".join(lines)

@@ -1,0 +1,38 @@
+"""The one ordered pass pipeline, with a lazy registry so passes can be chosen by name.
+
+Ordering constraints (checked by the manager through each pass's ``requires``):
+- cleanup runs first and last: later passes assume no dead nodes, and leave some behind.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+
+from dsc.errors import CompileError
+from dsc.passes.base import Pass
+
+# name -> "module:Class", imported only when the pass is used.
+REGISTRY: dict[str, str] = {
+    "cleanup": "dsc.passes.cleanup:CleanupPass",
+}
+
+DEFAULT_PIPELINE: tuple[str, ...] = ("cleanup",)
+
+
+def load_pass(name: str) -> Pass:
+    if name not in REGISTRY:
+        raise CompileError(f"unknown pass '{name}'; known passes: {', '.join(sorted(REGISTRY))}")
+    module, cls = REGISTRY[name].split(":")
+    return getattr(importlib.import_module(module), cls)()
+
+
+def build_pipeline(passes: Sequence[str] | None = None, disable: Sequence[str] = ()) -> list[Pass]:
+    """The default pipeline, or the given pass names, minus the disabled ones (names are checked)."""
+    for name in disable:
+        if name not in REGISTRY:
+            raise CompileError(
+                f"--disable-pass: unknown pass '{name}'; known passes: {', '.join(sorted(REGISTRY))}"
+            )
+    names = list(DEFAULT_PIPELINE if passes is None else passes)
+    return [load_pass(n) for n in names if n not in disable]

@@ -1,0 +1,111 @@
+"""Engines the runtime can drive: one ``step`` call = one forward over new tokens with the KV cache.
+
+Every engine kind (ONNX via onnxruntime, TensorRT) exposes the same interface so that one generation
+loop (runtime/generate.py) serves all of them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from dsc.errors import EngineError
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """One cache tensor: its input/output names and its shape with ``batch`` / ``past`` symbolic."""
+
+    input: str
+    output: str
+    shape: tuple[int | str, ...]
+    dtype: str
+
+    def empty(self, batch: int) -> np.ndarray:
+        shape = tuple(batch if d == "batch" else 0 if d == "past" else d for d in self.shape)
+        return np.zeros(shape, dtype=np.dtype(self.dtype))
+
+
+class Engine(Protocol):
+    manifest: dict[str, Any]
+    cache: list[CacheSpec]
+
+    def step(
+        self, input_ids: np.ndarray, position_ids: np.ndarray, past: list[np.ndarray]
+    ) -> tuple[np.ndarray, list]:
+        """Run new tokens through the model. Returns (logits [b, s, vocab], present cache tensors)."""
+        ...
+
+
+def manifest_path(engine_path: Path) -> Path:
+    return engine_path.with_name(engine_path.stem + ".manifest.json")
+
+
+def read_manifest(engine_path: Path) -> dict[str, Any]:
+    path = manifest_path(engine_path)
+    if not engine_path.is_file():
+        raise EngineError(f"{engine_path}: engine file not found")
+    if not path.is_file():
+        raise EngineError(f"{path}: manifest not found beside the engine (dsc compile writes it)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise EngineError(f"{path}: unreadable manifest: {exc}") from exc
+    if manifest.get("format") != "dsc-engine":
+        raise EngineError(f"{path}: not a dsc engine manifest")
+    return manifest
+
+
+def cache_specs(manifest: dict[str, Any]) -> list[CacheSpec]:
+    return [
+        CacheSpec(c["input"], c["output"], tuple(c["shape"]), c["dtype"])
+        for c in manifest["kv_cache"]["tensors"]
+    ]
+
+
+class OnnxEngine:
+    """An ONNX engine run by onnxruntime (CPU by default; CUDA when onnxruntime-gpu is installed and asked)."""
+
+    def __init__(self, path: Path, *, threads: int | None = None, providers: list[str] | None = None) -> None:
+        import onnxruntime as ort
+
+        self.path = path
+        self.manifest = read_manifest(path)
+        self.cache = cache_specs(self.manifest)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or min(os.cpu_count() or 1, 16)
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            self.session = ort.InferenceSession(
+                str(path), opts, providers=providers or ["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # onnxruntime raises its own exception types for corrupt models
+            raise EngineError(
+                f"{path}: onnxruntime cannot load the engine: {str(exc).splitlines()[0]}"
+            ) from exc
+        self._outputs = ["logits"] + [c.output for c in self.cache]
+
+    def step(
+        self, input_ids: np.ndarray, position_ids: np.ndarray, past: list[np.ndarray]
+    ) -> tuple[np.ndarray, list]:
+        feeds = {"input_ids": input_ids, "position_ids": position_ids}
+        feeds.update({c.input: p for c, p in zip(self.cache, past, strict=True)})
+        logits, *present = self.session.run(self._outputs, feeds)
+        return logits, present
+
+
+def load_engine(path: str | Path, *, threads: int | None = None) -> Engine:
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".onnx":
+        return OnnxEngine(path, threads=threads)
+    if suffix in (".plan", ".engine"):
+        raise EngineError(
+            f"{path}: TensorRT engines need the 'tensorrt' package and an NVIDIA GPU "
+            "(pip install 'dsc[tensorrt]' on such a machine); compile with -o model.onnx to run here"
+        )
+    raise EngineError(f"{path}: unknown engine type '{suffix}' (expected .onnx, .plan or .engine)")
