@@ -128,6 +128,12 @@ def _sha256(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
+_KV_LAYOUTS = {
+    "naive": "per layer key [batch, past, heads, qk_head_dim] and value [batch, past, heads, v_head_dim]",
+    "latent": "per layer one latent [batch, past, kv_lora_rank + qk_rope_head_dim]: normalized c_kv then rotated k_pe",
+}
+
+
 def build_manifest(
     graph: Graph, checkpoint, files: list[Path], pm: PassManager, backend: str
 ) -> dict[str, Any]:
@@ -143,8 +149,8 @@ def build_manifest(
         "model": {"config": cfg.to_dict()},
         "io": {"inputs": _io(graph.inputs), "outputs": _io(graph.outputs)},
         "kv_cache": {
-            "form": "naive-mla",
-            "layout": "[batch, past, heads, dim] per layer; position_ids give absolute positions",
+            "form": graph.meta.get("kv_cache_form", "naive"),
+            "layout": _KV_LAYOUTS[graph.meta.get("kv_cache_form", "naive")],
             "bytes_per_token": kv_bytes_per_token(graph),
             "tensors": kv_cache_layout(graph),
         },

@@ -84,6 +84,13 @@ def _linear(e: _Emitter, n: Node, ins: list[str]) -> list[str]:
     return [e.emit("MatMul", ins, name=n.name, outputs=[n.output.name])]
 
 
+def _head_linear(e: _Emitter, n: Node, ins: list[str]) -> list[str]:
+    # x[..., H, in] -> [..., H, 1, in] @ w[H, in, out] -> [..., H, 1, out] -> [..., H, out]
+    x = e.emit("Unsqueeze", [ins[0], e.i64([-2])], name=n.name)
+    y = e.emit("MatMul", [x, ins[1]], name=n.name)
+    return [e.emit("Squeeze", [y, e.i64([-2])], name=n.name, outputs=[n.output.name])]
+
+
 def _rms_norm(e: _Emitter, n: Node, ins: list[str]) -> list[str]:
     x, w = ins
     sq = e.emit("Mul", [x, x], name=n.name)
@@ -270,6 +277,7 @@ def _embedding(e: _Emitter, n: Node, ins: list[str]) -> list[str]:
 LOWERINGS: dict[Op, Callable[[_Emitter, Node, list[str]], list[str]]] = {
     Op.EMBEDDING: _embedding,
     Op.LINEAR: _linear,
+    Op.HEAD_LINEAR: _head_linear,
     Op.RMS_NORM: _rms_norm,
     Op.ROPE: _rope,
     Op.ATTENTION: _attention,
@@ -284,8 +292,8 @@ LOWERINGS: dict[Op, Callable[[_Emitter, Node, list[str]], list[str]]] = {
     Op.MOE_COMBINE: _moe_combine,
 }
 
-# Weights consumed as the right-hand side of a MatMul are stored transposed ([in, out]).
-_TRANSPOSED_INPUTS = {Op.LINEAR: 1, Op.MOE_ROUTE: 1}
+# Weights consumed as the right-hand side of a MatMul are stored with their last two axes swapped ([in, out]).
+_TRANSPOSED_INPUTS = {Op.LINEAR: 1, Op.MOE_ROUTE: 1, Op.HEAD_LINEAR: 1}
 
 
 def lower_to_onnx(graph: Graph, *, producer_version: str = "0") -> tuple[onnx.ModelProto, list[Initializer]]:
@@ -304,12 +312,12 @@ def lower_to_onnx(graph: Graph, *, producer_version: str = "0") -> tuple[onnx.Mo
             if layout == "N":
                 init = Initializer(name, t.dtype.torch, tuple(t.shape), w.load)
             else:
-                shape = tuple(reversed(t.shape))
+                shape = tuple(t.shape[:-2]) + (t.shape[-1], t.shape[-2])
                 init = Initializer(
                     f"{name}.T" if "N" in layouts[name] else name,
                     t.dtype.torch,
                     shape,
-                    lambda w=w: w.load().t().contiguous(),
+                    lambda w=w: w.load().transpose(-1, -2).contiguous(),
                 )
             e._names.add(init.name)
             weight_names[(name, layout)] = init.name

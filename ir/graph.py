@@ -21,6 +21,7 @@ from dsc.ir.types import DType, TensorType
 class Op(enum.Enum):
     EMBEDDING = "embedding"  # (ids, table) -> table[ids]
     LINEAR = "linear"  # (x, weight[out,in]) -> x @ weight^T
+    HEAD_LINEAR = "head_linear"  # (x[..., heads, in], weight[heads, out, in]) -> one linear map per head
     RMS_NORM = "rms_norm"  # (x, weight) eps
     ROPE = "rope"  # (x[..., d], positions[b, s]) inv_freq, scaling, interleaved
     ATTENTION = "attention"  # (q[b,s,H,dk], k[b,T,Hk,dk], v[b,T,Hk,dv]) causal, scale
@@ -195,6 +196,7 @@ class GraphBuilder:
         self._values = {v.name for v in self.graph.values()}
         self._nodes = {n.name for n in self.graph.nodes}
         self._counter = itertools.count()
+        self.insert_at: int | None = None  # None appends; an index inserts there (and advances)
 
     def fresh(self, hint: str, *, node: bool = False) -> str:
         """A unique value name (or node name: nodes and values have separate namespaces)."""
@@ -239,7 +241,11 @@ class GraphBuilder:
             )
         outputs = tuple(Value(self.fresh(n), t) for n, t in zip(out_names, out_types, strict=True))
         node = Node(op, node_name, inputs, outputs, attrs, dict(meta or {}))
-        self.graph.nodes.append(node)
+        if self.insert_at is None:
+            self.graph.nodes.append(node)
+        else:
+            self.graph.nodes.insert(self.insert_at, node)
+            self.insert_at += 1
         return node
 
     def output(self, value: Value) -> None:

@@ -70,6 +70,13 @@ def _infer_linear(t: list[TensorType], a: Attrs) -> list[TensorType]:
     return [TensorType(x.dtype, x.shape[:-1] + (w.shape[0],))]
 
 
+def _infer_head_linear(t: list[TensorType], a: Attrs) -> list[TensorType]:
+    x, w = t
+    _need(w.rank == 3 and x.rank >= 2, f"head_linear takes x[..., heads, in] and w[heads, out, in], got {x}, {w}")
+    _need(x.shape[-2] == w.shape[0] and x.shape[-1] == w.shape[2], f"head_linear: input {x} does not match {w}")
+    return [TensorType(x.dtype, x.shape[:-1] + (w.shape[1],))]
+
+
 def _infer_rms_norm(t: list[TensorType], a: Attrs) -> list[TensorType]:
     x, w = t
     _need(w.shape == (x.shape[-1],), f"rms_norm weight {w} does not match input {x}")
@@ -242,6 +249,9 @@ def _expand(x: torch.Tensor, a: Attrs) -> torch.Tensor:
 SCHEMAS: dict[Op, OpSchema] = {
     Op.EMBEDDING: OpSchema((2, 2), _infer_embedding, lambda i, a: [F.embedding(i[0], i[1])]),
     Op.LINEAR: OpSchema((2, 2), _infer_linear, lambda i, a: [F.linear(i[0], i[1].to(i[0].dtype))]),
+    Op.HEAD_LINEAR: OpSchema(
+        (2, 2), _infer_head_linear, lambda i, a: [torch.einsum("...hi,hoi->...ho", i[0], i[1].to(i[0].dtype))]
+    ),
     Op.RMS_NORM: OpSchema((2, 2), _infer_rms_norm, lambda i, a: [_rms_norm(i[0], i[1], a["eps"])]),
     Op.ROPE: OpSchema((2, 2), _infer_rope, lambda i, a: [_run_rope(i[0], i[1], a)]),
     Op.ATTENTION: OpSchema((3, 3), _infer_attention, lambda i, a: [_run_attention(*i, a)]),

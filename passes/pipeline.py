@@ -1,7 +1,8 @@
 """The one ordered pass pipeline, with a lazy registry so passes can be chosen by name.
 
 Ordering constraints (checked by the manager through each pass's ``requires``):
-- cleanup runs first and last: later passes assume no dead nodes, and leave some behind.
+- mla-absorb matches the attention blocks exactly as the frontend traces them, so it runs first.
+- cleanup runs last: rewrites leave dead nodes and foldable reshapes behind.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from dsc.passes.base import Pass
 # name -> "module:Class", imported only when the pass is used.
 REGISTRY: dict[str, str] = {
     "cleanup": "dsc.passes.cleanup:CleanupPass",
+    "mla-absorb": "dsc.passes.mla_absorb:MlaAbsorbPass",
 }
 
-DEFAULT_PIPELINE: tuple[str, ...] = ("cleanup",)
+DEFAULT_PIPELINE: tuple[str, ...] = ("mla-absorb", "cleanup")
 
 
 def load_pass(name: str) -> Pass:
