@@ -51,13 +51,9 @@ class PassManager:
                 raise VerifyError(f"after pass {p.name}: {exc}") from exc
             graph = result.graph
             done.add(p.name)
-            self.records.append(
-                PassRecord(p.name, result.modified, result.stats, seconds, before, len(graph.nodes))
-            )
+            self.records.append(PassRecord(p.name, result.modified, result.stats, seconds, before, len(graph.nodes)))
             if self.print_ir_after_all or (self.print_ir_after_change and result.modified):
-                self.emit(
-                    f"// ----- IR after {p.name} ({'changed' if result.modified else 'unchanged'}) -----"
-                )
+                self.emit(f"// ----- IR after {p.name} ({'changed' if result.modified else 'unchanged'}) -----")
                 self.emit(format_graph(graph))
             self._dump(index, p.name, graph)
         graph.meta["passes"] = [r.name for r in self.records if r.modified]

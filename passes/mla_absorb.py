@@ -209,7 +209,9 @@ class MlaAbsorbPass:
             fold = Transformed("absorb_w_uv", (g.weights[w_o.name].source, src), _fold_o(n, nope))
             w_new = b.weight(f"{w_o.name}.absorbed", DType.F32, (w_o.type.shape[0], n * kv_lora), fold)
             flat = op(Op.RESHAPE, [o_lat], {"shape": (0, 0, n * kv_lora)}).output
-            g.replace_uses(m.o_linear.output, op(Op.LINEAR, [flat, w_new]).output)
+            # o_proj keeps its node and output value (downstream names stay); only its inputs change.
+            at = g.nodes.index(m.o_linear)
+            g.nodes[at] = Node(Op.LINEAR, m.o_linear.name, (flat, w_new), m.o_linear.outputs, {}, meta)
             folded["o"] += 1
         else:
             uv = b.weight(

@@ -33,8 +33,6 @@ def build_pipeline(passes: Sequence[str] | None = None, disable: Sequence[str] =
     """The default pipeline, or the given pass names, minus the disabled ones (names are checked)."""
     for name in disable:
         if name not in REGISTRY:
-            raise CompileError(
-                f"--disable-pass: unknown pass '{name}'; known passes: {', '.join(sorted(REGISTRY))}"
-            )
+            raise CompileError(f"--disable-pass: unknown pass '{name}'; known passes: {', '.join(sorted(REGISTRY))}")
     names = list(DEFAULT_PIPELINE if passes is None else passes)
     return [load_pass(n) for n in names if n not in disable]

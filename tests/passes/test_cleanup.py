@@ -8,9 +8,7 @@ from dsc.passes.cleanup import CleanupPass
 def graph_with_dead_code() -> Graph:
     b = GraphBuilder(Graph("g"))
     x = b.input("x", DType.F32, ("batch", "seq", 6))
-    w = b.weight(
-        "w", DType.F32, (6, 6), Constant(torch.randn(6, 6, generator=torch.Generator().manual_seed(0)))
-    )
+    w = b.weight("w", DType.F32, (6, 6), Constant(torch.randn(6, 6, generator=torch.Generator().manual_seed(0))))
     unused = b.weight("unused", DType.F32, (6, 6), Constant(torch.zeros(6, 6)))
     b.op(Op.LINEAR, [x, unused])  # dead
     r1 = b.op(Op.RESHAPE, [x], {"shape": (0, 0, 2, 3)}).output
@@ -29,9 +27,7 @@ def test_cleanup_removes_dead_and_folds_reshapes():
     assert result.modified
     assert result.stats["identity_reshapes"] >= 1
     assert result.stats["dead_nodes"] >= 2
-    assert result.graph.op_counts() == {"linear": 1, "reshape": 1} or result.graph.op_counts() == {
-        "linear": 1
-    }
+    assert result.graph.op_counts() == {"linear": 1, "reshape": 1} or result.graph.op_counts() == {"linear": 1}
     assert "unused" not in result.graph.weights
     torch.testing.assert_close(interpret(result.graph, {"x": x})["y"], before, rtol=0, atol=0)
     assert len(g.nodes) == 5, "the input graph is left untouched"
