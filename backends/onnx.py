@@ -57,9 +57,7 @@ class _Emitter:
 
     def emit(self, op_type: str, inputs: list[str], n_out: int = 1, *, name: str, outputs=None, **attrs):
         outs = outputs or [self.fresh(f"{name}/{op_type}") for _ in range(n_out)]
-        self.nodes.append(
-            helper.make_node(op_type, inputs, outs, name=self.fresh(f"{name}/{op_type}"), **attrs)
-        )
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=self.fresh(f"{name}/{op_type}"), **attrs))
         return outs[0] if n_out == 1 else outs
 
     def const(self, array: np.ndarray, hint: str = "const") -> str:
@@ -104,9 +102,7 @@ def _rope(e: _Emitter, n: Node, ins: list[str]) -> list[str]:
     x, pos = ins
     a, rank = n.attrs, n.inputs[0].type.rank
     half = len(a["inv_freq"])
-    posf = e.emit(
-        "Unsqueeze", [e.emit("Cast", [pos], name=n.name, to=TensorProto.FLOAT), e.i64([-1])], name=n.name
-    )
+    posf = e.emit("Unsqueeze", [e.emit("Cast", [pos], name=n.name, to=TensorProto.FLOAT), e.i64([-1])], name=n.name)
     freqs = e.emit("Mul", [posf, e.f32(a["inv_freq"], "inv_freq")], name=n.name)  # [b, s, d/2]
     if rank == 4:
         freqs = e.emit("Unsqueeze", [freqs, e.i64([2])], name=n.name)
@@ -123,12 +119,8 @@ def _rope(e: _Emitter, n: Node, ins: list[str]) -> list[str]:
         x2 = e.emit("Squeeze", [x2, e.i64([-1])], name=n.name)
     else:
         x1, x2 = e.emit("Split", [x, e.i64([half, half])], 2, name=n.name, axis=-1)
-    r1 = e.emit(
-        "Sub", [e.emit("Mul", [x1, cos], name=n.name), e.emit("Mul", [x2, sin], name=n.name)], name=n.name
-    )
-    r2 = e.emit(
-        "Add", [e.emit("Mul", [x2, cos], name=n.name), e.emit("Mul", [x1, sin], name=n.name)], name=n.name
-    )
+    r1 = e.emit("Sub", [e.emit("Mul", [x1, cos], name=n.name), e.emit("Mul", [x2, sin], name=n.name)], name=n.name)
+    r2 = e.emit("Add", [e.emit("Mul", [x2, cos], name=n.name), e.emit("Mul", [x1, sin], name=n.name)], name=n.name)
     if a["interleaved"]:
         r1 = e.emit("Unsqueeze", [r1, e.i64([-1])], name=n.name)
         r2 = e.emit("Unsqueeze", [r2, e.i64([-1])], name=n.name)
@@ -226,9 +218,7 @@ def _moe_combine(e: _Emitter, n: Node, ins: list[str]) -> list[str]:
         value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]),
     )
     dense = e.emit("ScatterElements", [zeros, idx, w], name=n.name, axis=-1)  # [b, s, E]
-    stacked = e.emit(
-        "Concat", [e.emit("Unsqueeze", [y, e.i64([-2])], name=n.name) for y in ys], name=n.name, axis=-2
-    )
+    stacked = e.emit("Concat", [e.emit("Unsqueeze", [y, e.i64([-2])], name=n.name) for y in ys], name=n.name, axis=-2)
     mixed = e.emit("MatMul", [e.emit("Unsqueeze", [dense, e.i64([-2])], name=n.name), stacked], name=n.name)
     return [e.emit("Squeeze", [mixed, e.i64([-2])], name=n.name, outputs=[n.output.name])]
 
@@ -244,9 +234,7 @@ def _simple(op_type: str, **fixed) -> Callable:
 
 
 def _silu(e: _Emitter, n: Node, ins: list[str]) -> list[str]:
-    return [
-        e.emit("Mul", [ins[0], e.emit("Sigmoid", ins, name=n.name)], name=n.name, outputs=[n.output.name])
-    ]
+    return [e.emit("Mul", [ins[0], e.emit("Sigmoid", ins, name=n.name)], name=n.name, outputs=[n.output.name])]
 
 
 def _split(e: _Emitter, n: Node, ins: list[str]) -> list[str]:

@@ -1,0 +1,40 @@
+"""Atomic outputs: write to a temporary file beside the destination, then rename; never a partial file."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from dsc.errors import CompileError
+
+
+def check_writable_dir(path: Path) -> None:
+    """Fail early, with the directory named, when ``path`` cannot be created there."""
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.exists():
+        raise CompileError(f"{parent}: output directory does not exist")
+    if not parent.is_dir():
+        raise CompileError(f"{parent}: output directory is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CompileError(f"{parent}: output directory is not writable")
+
+
+@contextlib.contextmanager
+def atomic_output(path: Path) -> Iterator[Path]:
+    """Yield a temporary path; on success it replaces ``path``, on any failure it is removed."""
+    check_writable_dir(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(data)
