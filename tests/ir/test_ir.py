@@ -22,12 +22,8 @@ from dsc.ir.types import TensorType, bind_dims, dim_add
 def small_graph() -> Graph:
     b = GraphBuilder(Graph("mlp"))
     x = b.input("x", DType.F32, ("batch", "seq", 8))
-    w1 = b.weight(
-        "w1", DType.F32, (16, 8), Constant(torch.randn(16, 8, generator=torch.Generator().manual_seed(1)))
-    )
-    w2 = b.weight(
-        "w2", DType.F32, (8, 16), Constant(torch.randn(8, 16, generator=torch.Generator().manual_seed(2)))
-    )
+    w1 = b.weight("w1", DType.F32, (16, 8), Constant(torch.randn(16, 8, generator=torch.Generator().manual_seed(1))))
+    w2 = b.weight("w2", DType.F32, (8, 16), Constant(torch.randn(8, 16, generator=torch.Generator().manual_seed(2))))
     h = b.op(Op.SILU, [b.op(Op.LINEAR, [x, w1]).output]).output
     y = b.op(Op.LINEAR, [h, w2], out_names=["y"]).output
     b.output(b.op(Op.ADD, [y, x], out_names=["out"]).output)
@@ -109,9 +105,7 @@ def test_attention_is_causal_with_cache_offset():
     for i in range(2):  # query i sits at absolute position 3 + i and sees keys 0..3+i
         t = 3 + i + 1
         probs = torch.softmax(torch.einsum("hd,thd->ht", qs[0, i], ks[0, :t]) * 0.5, dim=-1)
-        torch.testing.assert_close(
-            out[0, i], torch.einsum("ht,thd->hd", probs, vs[0, :t]), rtol=1e-5, atol=1e-6
-        )
+        torch.testing.assert_close(out[0, i], torch.einsum("ht,thd->hd", probs, vs[0, :t]), rtol=1e-5, atol=1e-6)
 
 
 def test_route_sigmoid_group_limited_by_hand():

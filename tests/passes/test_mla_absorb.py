@@ -4,7 +4,6 @@ import itertools
 
 import pytest
 import torch
-
 from dsc.ir import Constant, DType, Graph, GraphBuilder, Op, interpret, verify
 from dsc.passes.cleanup import CleanupPass
 from dsc.passes.mla_absorb import MlaAbsorbPass

@@ -1,0 +1,186 @@
+"""The independent numerical reference: transformers' DeepseekV3/V2ForCausalLM on random-weight checkpoints
+that transformers itself saved (save_pretrained), run in float32 with eager attention."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+_YARN = {
+    "rope_type": "yarn",
+    "rope_theta": 10000.0,
+    "factor": 40.0,
+    "original_max_position_embeddings": 64,
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "mscale": 0.707,
+    "mscale_all_dim": 0.707,
+}
+_COMMON = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    moe_intermediate_size=32,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    kv_lora_rank=16,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=8,
+    v_head_dim=16,
+    max_position_embeddings=4096,
+    rms_norm_eps=1e-6,
+)
+
+# Together: model_type v3 and v2; q_lora_rank null; yarn (with mscale_all_dim); n_group 1; first_k_dense_replace
+# 0 and 2; softmax greedy and group_limited_greedy (v2); sigmoid noaux_tc (v3); tied embeddings; both rope layouts.
+HF_CONFIGS: dict[str, dict] = {
+    "v3_yarn_grouped": dict(
+        _COMMON,
+        model_type="deepseek_v3",
+        num_hidden_layers=3,
+        q_lora_rank=32,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
+        first_k_dense_replace=1,
+        routed_scaling_factor=2.5,
+        rope_parameters=_YARN,
+    ),
+    "v3_no_q_lora_all_moe_tied": dict(
+        _COMMON,
+        model_type="deepseek_v3",
+        num_hidden_layers=2,
+        q_lora_rank=None,
+        n_routed_experts=6,
+        n_shared_experts=2,
+        num_experts_per_tok=3,
+        n_group=1,
+        topk_group=1,
+        first_k_dense_replace=0,
+        tie_word_embeddings=True,
+        routed_scaling_factor=1.0,
+        norm_topk_prob=False,
+    ),
+    "v3_dense2_half_split_rope": dict(
+        _COMMON,
+        model_type="deepseek_v3",
+        num_hidden_layers=3,
+        q_lora_rank=24,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        n_group=4,
+        topk_group=2,
+        first_k_dense_replace=2,
+        rope_interleave=False,
+        routed_scaling_factor=1.5,
+    ),
+    "v2_greedy_no_q_lora": dict(
+        _COMMON,
+        model_type="deepseek_v2",
+        num_hidden_layers=2,
+        q_lora_rank=None,
+        n_routed_experts=8,
+        n_shared_experts=2,
+        num_experts_per_tok=2,
+        topk_method="greedy",
+        first_k_dense_replace=1,
+        routed_scaling_factor=1.0,
+    ),
+    "v2_group_limited_yarn": dict(
+        _COMMON,
+        model_type="deepseek_v2",
+        num_hidden_layers=2,
+        q_lora_rank=32,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        n_group=4,
+        topk_group=2,
+        topk_method="group_limited_greedy",
+        first_k_dense_replace=0,
+        routed_scaling_factor=16.0,
+        rope_parameters=_YARN,
+    ),
+    "v3_tied_single_group": dict(
+        _COMMON,
+        model_type="deepseek_v3",
+        num_hidden_layers=2,
+        q_lora_rank=16,
+        n_routed_experts=4,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        n_group=1,
+        topk_group=1,
+        first_k_dense_replace=1,
+        tie_word_embeddings=True,
+        routed_scaling_factor=2.5,
+    ),
+}
+
+
+def _model_class(model_type: str):
+    import transformers
+
+    return {
+        "deepseek_v3": (transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM),
+        "deepseek_v2": (transformers.DeepseekV2Config, transformers.DeepseekV2ForCausalLM),
+    }[model_type]
+
+
+def save_hf_checkpoint(name: str, out_dir: Path, *, seed: int = 0, lm_head_scale: float = 4.0) -> Path:
+    """Build the named config in transformers with random weights and save_pretrained it (safetensors, fp32)."""
+    raw = dict(HF_CONFIGS[name])
+    config_cls, model_cls = _model_class(raw.pop("model_type"))
+    config = config_cls(**raw)
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "norm" in pname:  # norms init to ones: randomize so they matter
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+        for mod in model.modules():
+            if hasattr(mod, "e_score_correction_bias"):  # inits to zeros: randomize so it matters
+                mod.e_score_correction_bias.copy_(0.05 * torch.randn_like(mod.e_score_correction_bias))
+        # Clear greedy margins. A tied table scales the inputs too, so it gets a milder factor.
+        if not config.tie_word_embeddings:
+            model.lm_head.weight.mul_(lm_head_scale)
+        else:
+            model.model.embed_tokens.weight.mul_(lm_head_scale**0.5)
+    model.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+def load_hf_model(ckpt_dir: Path):
+    import json
+
+    model_type = json.loads((Path(ckpt_dir) / "config.json").read_text())["model_type"]
+    _, model_cls = _model_class(model_type)
+    return model_cls.from_pretrained(ckpt_dir, dtype=torch.float32, attn_implementation="eager").eval()
+
+
+@torch.no_grad()
+def hf_reference_logits(ckpt_dir: Path, prompt: list[list[int]], decode_steps: int):
+    """Prefill logits [b, s, V], then greedy decode through transformers' own KV cache.
+
+    Returns (prefill logits, per-step logits [b, 1, V] for each decode step, generated ids per row). The
+    first generated token comes from the prefill logits; step i's logits predict token i + 1.
+    """
+    model = load_hf_model(ckpt_dir)
+    ids = torch.tensor(prompt)
+    out = model(ids, use_cache=True)
+    prefill = out.logits
+    cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    nxt = prefill[:, -1].argmax(-1, keepdim=True)
+    generated = [nxt]
+    steps = []
+    for _ in range(decode_steps):
+        out = model(nxt, cache=cache, use_cache=True)
+        cache = out.cache if hasattr(out, "cache") else out.past_key_values
+        steps.append(out.logits)
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        generated.append(nxt)
+    return prefill, steps, torch.cat(generated, dim=1).tolist()
