@@ -184,7 +184,7 @@ def compile_model(
     options: CompileOptions | None = None,
     log: Callable[[str], None] = print,
 ) -> CompileSummary:
-    from dsc.backends.atomic import atomic_write_bytes
+    from dsc.backends.atomic import atomic_write_bytes, check_writable_dir
     from dsc.backends.onnx import lower_to_onnx
     from dsc.backends.onnx_io import save_model
     from dsc.frontends.loader import load_graph
@@ -200,8 +200,7 @@ def compile_model(
         from dsc.backends.tensorrt_support import require_tensorrt
 
         require_tensorrt()
-    if not output.parent.exists() or not output.parent.is_dir():
-        raise CompileError(f"{output.parent}: output directory does not exist")
+    check_writable_dir(output)
     baseline = current_rss_bytes()
     stages: dict[str, float] = {}
 

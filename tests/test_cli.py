@@ -1,0 +1,170 @@
+"""The command line: bad input gets one clear line and exit code 2, and leaves no output behind."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from dsc.cli import main
+from dsc.frontends.presets import make_model
+from safetensors.torch import load_file, save_file
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return make_model("tiny", tmp_path_factory.mktemp("tiny") / "ckpt", seed=1)
+
+
+@pytest.fixture
+def broken(tiny, tmp_path) -> Path:
+    """A private copy of the tiny checkpoint that a test may damage."""
+    return Path(shutil.copytree(tiny, tmp_path / "ckpt"))
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_clean_failure(code: int, err: str, out_dir: Path, *needles: str) -> None:
+    lines = [line for line in err.splitlines() if line.startswith("dsc: error:")]
+    assert code == 2
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert not list(out_dir.glob("out*")), "no (partial) output may be left behind"
+    assert not list(out_dir.glob(".out*")), "no temporary file may be left behind"
+
+
+def test_missing_config_json(broken, tmp_path, capsys):
+    (broken / "config.json").unlink()
+    code, _, err = run_cli(capsys, "compile", str(broken), "-o", str(tmp_path / "out.onnx"), "-q")
+    assert_clean_failure(code, err, tmp_path, "config.json", "not found")
+
+
+def test_truncated_safetensors(broken, tmp_path, capsys):
+    f = broken / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    code, _, err = run_cli(capsys, "compile", str(broken), "-o", str(tmp_path / "out.onnx"), "-q")
+    assert_clean_failure(code, err, tmp_path, "model.safetensors", "truncated")
+
+
+def test_corrupt_safetensors_header(broken, tmp_path, capsys):
+    f = broken / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[8:40] = b"\xff" * 32
+    f.write_bytes(bytes(data))
+    code, _, err = run_cli(capsys, "compile", str(broken), "-o", str(tmp_path / "out.onnx"), "-q")
+    assert_clean_failure(code, err, tmp_path, "model.safetensors", "corrupt")
+
+
+def test_missing_tensor(broken, tmp_path, capsys):
+    tensors = load_file(broken / "model.safetensors")
+    del tensors["model.layers.1.self_attn.kv_b_proj.weight"]
+    save_file(tensors, broken / "model.safetensors")
+    code, _, err = run_cli(capsys, "compile", str(broken), "-o", str(tmp_path / "out.onnx"), "-q")
+    assert_clean_failure(code, err, tmp_path, "model.layers.1.self_attn.kv_b_proj.weight", "missing")
+
+
+def test_wrong_tensor_shape(broken, tmp_path, capsys):
+    tensors = load_file(broken / "model.safetensors")
+    tensors["model.layers.0.mlp.up_proj.weight"] = torch.zeros(95, 64)
+    save_file(tensors, broken / "model.safetensors")
+    code, _, err = run_cli(capsys, "compile", str(broken), "-o", str(tmp_path / "out.onnx"), "-q")
+    assert_clean_failure(code, err, tmp_path, "model.layers.0.mlp.up_proj.weight", "[95, 64]", "[96, 64]")
+
+
+def test_unsupported_model_type(broken, tmp_path, capsys):
+    cfg = json.loads((broken / "config.json").read_text())
+    cfg["model_type"] = "llama"
+    (broken / "config.json").write_text(json.dumps(cfg))
+    code, _, err = run_cli(capsys, "compile", str(broken), "-o", str(tmp_path / "out.onnx"), "-q")
+    assert_clean_failure(code, err, tmp_path, "config.json", "llama", "deepseek_v3")
+
+
+def test_output_directory_missing_or_not_a_directory(tiny, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "compile", str(tiny), "-o", str(tmp_path / "nope" / "out.onnx"), "-q")
+    assert_clean_failure(code, err, tmp_path, str(tmp_path / "nope"), "does not exist")
+    (tmp_path / "file").write_text("")
+    code, _, err = run_cli(capsys, "compile", str(tiny), "-o", str(tmp_path / "file" / "out.onnx"), "-q")
+    assert_clean_failure(code, err, tmp_path, "file", "not a directory")
+
+
+@pytest.mark.skipif(
+    hasattr(__import__("os"), "geteuid") and __import__("os").geteuid() == 0,
+    reason="root can write to read-only directories",
+)
+def test_output_directory_not_writable(tiny, tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o555)
+    code, _, err = run_cli(capsys, "compile", str(tiny), "-o", str(ro / "out.onnx"), "-q")
+    assert_clean_failure(code, err, ro, "not writable")
+
+
+def test_failed_write_leaves_nothing(tiny, tmp_path, capsys, monkeypatch):
+    """A failure while the weights stream out (here: a checkpoint read error) removes the partial engine."""
+    from dsc.frontends import checkpoint
+
+    real = checkpoint.Checkpoint.load_float
+    calls = {"n": 0}
+
+    def flaky(self, key, dtype=torch.float32):
+        calls["n"] += 1
+        if calls["n"] == 20:
+            raise checkpoint.CheckpointError(f"{self.root}: simulated read failure of {key}")
+        return real(self, key, dtype)
+
+    monkeypatch.setattr(checkpoint.Checkpoint, "load_float", flaky)
+    code, _, err = run_cli(capsys, "compile", str(tiny), "-o", str(tmp_path / "out.onnx"), "-q")
+    assert_clean_failure(code, err, tmp_path, "simulated read failure")
+
+
+def test_compile_run_inspect_verify(tiny, tmp_path, capsys):
+    engine = tmp_path / "tiny.onnx"
+    code, out, err = run_cli(capsys, "compile", str(tiny), "-o", str(engine))
+    assert code == 0
+    assert "[4/4] writing" in err and "peak memory" in out and "active per token" in out
+    assert (tmp_path / "tiny.manifest.json").is_file()
+    code, out, _ = run_cli(capsys, "run", str(engine), "--prompt-ids", "1,2,3", "--max-new-tokens", "5", "--json")
+    result = json.loads(out)
+    assert code == 0 and len(result["tokens"]) == 5 and result["tokens_per_s"] > 0 and result["prefill_s"] > 0
+    code, out, _ = run_cli(capsys, "run", str(engine), "--prompt-ids", "1,2,3", "--max-new-tokens", "5")
+    assert code == 0 and out.startswith("tokens: " + ",".join(map(str, result["tokens"])))
+    code, out, _ = run_cli(capsys, "inspect", str(engine))
+    assert code == 0 and "latent" in out and "mla-absorb" in out
+    code, out, _ = run_cli(capsys, "verify", str(tiny), str(engine), "--steps", "4")
+    assert code == 0 and "PASS" in out
+    code, out, _ = run_cli(capsys, "verify", str(tiny), str(engine), "--steps", "2", "--tolerance", "0")
+    assert code == 1 and "FAIL" in out
+
+
+def test_run_rejects_out_of_vocab_ids_and_missing_engine(tiny, tmp_path, capsys):
+    engine = tmp_path / "tiny.onnx"
+    assert run_cli(capsys, "compile", str(tiny), "-o", str(engine), "-q")[0] == 0
+    code, _, err = run_cli(capsys, "run", str(engine), "--prompt-ids", "1,999999")
+    assert code == 2 and "outside the vocabulary" in err
+    code, _, err = run_cli(capsys, "run", str(tmp_path / "missing.onnx"), "--prompt-ids", "1")
+    assert code == 2 and "not found" in err
+    code, _, err = run_cli(capsys, "run", str(engine), "--prompt", "hello")
+    assert code == 2 and "tokenizer" in err
+
+
+def test_tensorrt_output_without_tensorrt_is_a_clear_error(tiny, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "compile", str(tiny), "-o", str(tmp_path / "out.plan"), "-q")
+    assert_clean_failure(code, err, tmp_path, "tensorrt", "-o model.onnx")
+
+
+def test_console_script_reports_errors_without_traceback(tmp_path):
+    exe = Path(sys.executable).with_name("dsc")
+    proc = subprocess.run(
+        [str(exe), "compile", str(tmp_path), "-o", str(tmp_path / "out.onnx")], capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("dsc: error:") and "Traceback" not in proc.stderr
+    assert "no model.safetensors" in proc.stderr
