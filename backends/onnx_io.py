@@ -21,6 +21,7 @@ from onnx import TensorProto
 
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2  # leave room for the graph itself under protobuf's 2 GiB
 _ALIGN = 4096
+_INLINE_BELOW = 1024  # bytes; smaller tensors stay inside the model file (as onnx's own converter does)
 
 ONNX_DTYPES = {
     torch.float32: TensorProto.FLOAT,
@@ -158,6 +159,10 @@ def _write_external(model, initializers, tmp_model: Path, tmp_data: Path, locati
     with open(tmp_data, "wb") as f:
         for init in initializers:
             raw = init.tensor_bytes()
+            if len(raw) < _INLINE_BELOW:  # shape constants must stay inline for shape inference
+                out.graph.initializer.append(_tensor_proto(init, raw))
+                done += len(raw)
+                continue
             pad = (-offset) % _ALIGN
             f.write(b"\0" * pad)
             offset += pad
