@@ -2,23 +2,29 @@
 
 Tensors carry the official checkpoint's names and shapes (DESIGN.md §2): per-expert
 ``mlp.experts.{e}.{gate,up,down}_proj.weight``, an fp32 router gate and e_score_correction_bias, and,
-with ``fp8=True``, float8_e4m3fn linear weights with 128x128 ``weight_scale_inv`` block scales. Every
-tensor comes from its own generator seeded by (seed, name), so files are deterministic and are written
-one tensor at a time: memory stays bounded by the largest tensor, whatever the preset's size.
+with ``fp8=True``, float8_e4m3fn linear weights with 128x128 ``weight_scale_inv`` block scales (§5). Every
+tensor comes from its own generator seeded by (seed, name), so files are deterministic, tensors can be made
+in any order, and they are written one at a time: memory stays bounded by the largest tensor, whatever the
+preset's size.
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import struct
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import torch
 from dsc.errors import DscError
 from dsc.frontends.config import ModelConfig, config_from_dict
 
+# DeepSeek-V3's own rope_scaling (config.json of deepseek-ai/DeepSeek-V3).
 _YARN = {
     "type": "yarn",
     "factor": 40.0,
@@ -46,10 +52,12 @@ _BASE = {
     "tie_word_embeddings": False,
     "rope_interleave": True,
     "attention_bias": False,
-    "num_nextn_predict_layers": 0,
+    "attention_dropout": 0.0,
+    "num_nextn_predict_layers": 0,  # no MTP layer is written
     "bos_token_id": 0,
     "eos_token_id": 1,
     "initializer_range": 0.02,
+    "use_cache": True,
     "torch_dtype": "float32",
 }
 
@@ -96,22 +104,86 @@ PRESETS: dict[str, dict] = {
     },
 }
 
-_FP8_SUFFIXES = (
-    "q_a_proj.weight",
-    "q_b_proj.weight",
-    "q_proj.weight",
-    "kv_a_proj_with_mqa.weight",
-    "kv_b_proj.weight",
-    "o_proj.weight",
-    "gate_proj.weight",
-    "up_proj.weight",
-    "down_proj.weight",
+FP8_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+FP8_BLOCK = 128
+# The linear weights DeepSeek ships in FP8 (DESIGN.md §2); the router gate also ends in ``gate.weight`` but not
+# in ``gate_proj.weight``, so it never matches.
+_FP8_SUFFIXES = tuple(
+    f"{m}.weight"
+    for m in (
+        "q_a_proj",
+        "q_b_proj",
+        "q_proj",
+        "kv_a_proj_with_mqa",
+        "kv_b_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    )
 )
-_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float8_e4m3fn: "F8_E4M3"}
+_ST_DTYPES = {
+    torch.float32: "F32",
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.float8_e4m3fn: "F8_E4M3",
+}
+
+
+@dataclass(frozen=True)
+class LazyTensor:
+    """A tensor known by dtype and shape until ``make()`` produces it (once, when it is written)."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    make: Callable[[], torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+
+def write_safetensors(
+    path: str | Path,
+    tensors: Mapping[str, torch.Tensor | LazyTensor],
+    metadata: Mapping[str, str] | None = None,
+) -> int:
+    """Stream tensors into one safetensors file; returns the bytes of tensor data written.
+
+    The header (keys sorted, 8-byte little-endian length, JSON padded to 8 bytes) is built from dtypes and
+    shapes alone, then each tensor is produced and written in key order, so only one is in memory at a time.
+    """
+    lazy = {
+        k: t if isinstance(t, LazyTensor) else LazyTensor(t.dtype, tuple(t.shape), lambda t=t: t)
+        for k, t in tensors.items()
+    }
+    header: dict[str, object] = {"__metadata__": {"format": "pt", **(metadata or {})}}
+    offset = 0
+    for name in sorted(lazy):
+        t = lazy[name]
+        if t.dtype not in _ST_DTYPES:
+            raise DscError(f"{name}: dtype {t.dtype} cannot be written (supported: {sorted(map(str, _ST_DTYPES))})")
+        header[name] = {
+            "dtype": _ST_DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + t.nbytes],
+        }
+        offset += t.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name in sorted(lazy):
+            t = lazy[name].make()
+            if t.dtype != lazy[name].dtype or tuple(t.shape) != lazy[name].shape:
+                raise AssertionError(f"{name}: produced {t.dtype} {tuple(t.shape)}, declared {lazy[name]}")
+            f.write(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    return offset
 
 
 def tensor_specs(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
-    """Every tensor of the checkpoint, official names, in a fixed order."""
+    """Every tensor of the checkpoint (official names, without FP8 scales), in layer order."""
     h, n = cfg.hidden_size, cfg.num_attention_heads
     specs: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (cfg.vocab_size, h))]
     for i in range(cfg.num_hidden_layers):
@@ -153,54 +225,40 @@ def tensor_specs(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def random_tensor(name: str, shape: tuple[int, ...], seed: int, lm_head_scale: float = 1.0) -> torch.Tensor:
+    """The float32 value of one tensor; depends only on (name, shape, seed)."""
     g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
     if name.endswith("norm.weight"):
         return 1.0 + 0.1 * torch.randn(shape, generator=g)  # not all ones, so norms matter
     if name.endswith("e_score_correction_bias"):
         return 0.05 * torch.randn(shape, generator=g)  # not zeros, so the bias matters
-    t = 0.02 * torch.randn(shape, generator=g)
+    t = 0.02 * torch.randn(shape, generator=g)  # DeepSeek's initializer_range
     return t * lm_head_scale if name == "lm_head.weight" else t
 
 
-def quantize_fp8(w: torch.Tensor, block: tuple[int, int] = (128, 128)) -> tuple[torch.Tensor, torch.Tensor]:
-    """DeepSeek's FP8 weight format (DESIGN.md §5): e4m3 values and float32 scale_inv per 128x128 block."""
+def quantize_fp8(w: torch.Tensor, block: int = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek's FP8 weight format (DESIGN.md §5): e4m3 values and float32 scale_inv per block x block tile.
+
+    scale = amax(tile) / 448 (1 for an all-zero tile), q = w / scale; partial edge tiles have their own scale.
+    """
     rows, cols = w.shape
-    bo, bi = block
-    br, bc = -(-rows // bo), -(-cols // bi)
-    padded = torch.zeros(br * bo, bc * bi, dtype=torch.float32)
+    br, bc = -(-rows // block), -(-cols // block)
+    padded = torch.zeros(br * block, bc * block, dtype=torch.float32)
     padded[:rows, :cols] = w.float()
-    blocks = padded.view(br, bo, bc, bi)
-    scale = blocks.abs().amax(dim=(1, 3)) / 448.0
+    tiles = padded.view(br, block, bc, block)
+    scale = tiles.abs().amax(dim=(1, 3)) / torch.finfo(torch.float8_e4m3fn).max
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = (blocks / scale[:, None, :, None]).view(br * bo, bc * bi)[:rows, :cols].to(torch.float8_e4m3fn)
-    return q.contiguous(), scale.contiguous()
+    q = (tiles / scale[:, None, :, None]).view(br * block, bc * block)[:rows, :cols]
+    return q.to(torch.float8_e4m3fn).contiguous(), scale.contiguous()
 
 
-def write_safetensors(
-    path: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]], produce: Callable[[str], torch.Tensor]
-) -> int:
-    """Stream tensors into one safetensors file: header from the specs, then each tensor as produced."""
-    header, offset = {}, 0
-    for name, dtype, shape in sorted(specs):
-        n = torch.empty((), dtype=dtype).element_size()
-        for d in shape:
-            n *= d
-        header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * ((-len(blob)) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for name, dtype, shape in sorted(specs):
-            t = produce(name)
-            assert t.dtype == dtype and tuple(t.shape) == tuple(shape), name
-            f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return offset
+def dequantize_fp8(q: torch.Tensor, scale_inv: torch.Tensor, block: int = FP8_BLOCK) -> torch.Tensor:
+    rows, cols = q.shape
+    full = scale_inv.repeat_interleave(block, 0).repeat_interleave(block, 1)[:rows, :cols]
+    return q.float() * full
 
 
 def make_model(
-    preset_or_config: str | dict,
+    preset_or_config: str | Mapping,
     out_dir: str | Path,
     *,
     seed: int = 0,
@@ -210,49 +268,43 @@ def make_model(
     lm_head_scale: float = 1.0,
     progress: Callable[[str], None] | None = None,
 ) -> Path:
+    """Write config.json and random weights (one file, or ``shards`` files plus an index) into ``out_dir``.
+
+    ``preset_or_config`` is a PRESETS name or a config.json dict. ``dtype`` is the dtype of every tensor
+    except the router (gate weight and bias stay float32, as transformers keeps them) and, with ``fp8``, the
+    FP8 linear weights and their scales. ``lm_head_scale`` multiplies lm_head (clear greedy margins in tests).
+    """
     if isinstance(preset_or_config, str):
         if preset_or_config not in PRESETS:
             raise DscError(f"unknown preset '{preset_or_config}'; choose one of: {', '.join(sorted(PRESETS))}")
-        raw = dict(PRESETS[preset_or_config])
+        raw = copy.deepcopy(PRESETS[preset_or_config])
     else:
-        raw = dict(preset_or_config)
+        raw = copy.deepcopy(dict(preset_or_config))
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise DscError(f"dtype {dtype} is not supported for random checkpoints (float32, bfloat16, float16)")
+    if shards < 1:
+        raise DscError(f"shards must be >= 1, got {shards}")
+    # transformers' DeepseekV3Config defaults num_key_value_heads to 128, not to num_attention_heads.
+    raw.setdefault("num_key_value_heads", raw.get("num_attention_heads"))
     raw["torch_dtype"] = str(dtype).removeprefix("torch.")
     if fp8:
-        raw["quantization_config"] = {
-            "quant_method": "fp8",
-            "fmt": "e4m3",
-            "activation_scheme": "dynamic",
-            "weight_block_size": [128, 128],
-        }
-    cfg = config_from_dict(raw, "preset")
+        raw["quantization_config"] = copy.deepcopy(FP8_CONFIG)
+    cfg = config_from_dict(raw, "make_model config")
+
+    groups = _plan(cfg, seed, dtype, fp8, lm_head_scale)
+    if shards > len(groups):
+        raise DscError(f"shards {shards} exceeds the {len(groups)} weights of this model")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    specs: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
-    for name, shape in tensor_specs(cfg):
-        keep_fp32 = name.endswith(("gate.weight", "e_score_correction_bias")) and ".mlp.gate." in name
-        if fp8 and name.endswith(_FP8_SUFFIXES) and not keep_fp32:
-            specs.append((name, torch.float8_e4m3fn, shape))
-            specs.append((name + "_scale_inv", torch.float32, (-(-shape[0] // 128), -(-shape[1] // 128))))
-        else:
-            specs.append((name, torch.float32 if keep_fp32 else dtype, shape))
-    shapes = dict(tensor_specs(cfg))
-
-    def produce(name: str) -> torch.Tensor:
-        base = name.removesuffix("_scale_inv")
-        w = random_tensor(base, shapes[base], seed, lm_head_scale)
-        if fp8 and any(s[0] == base and s[1] == torch.float8_e4m3fn for s in specs):
-            q, scale = quantize_fp8(w)
-            return scale if name.endswith("_scale_inv") else q
-        return w.to(next(s[1] for s in specs if s[0] == name))
-
-    groups = _shard(specs, shards)
-    weight_map, total = {}, 0
-    for k, group in enumerate(groups, start=1):
+    weight_map: dict[str, str] = {}
+    total = 0
+    for k, chunk in enumerate(_split(groups, shards), start=1):
         fname = "model.safetensors" if shards == 1 else f"model-{k:05d}-of-{shards:05d}.safetensors"
+        tensors = {name: t for group in chunk for name, t in group.items()}
         if progress:
-            progress(f"writing {fname} ({len(group)} tensors)")
-        total += write_safetensors(out / fname, group, produce)
-        weight_map.update({name: fname for name, _, _ in group})
+            progress(f"writing {fname}: {len(tensors)} tensors, {sum(t.nbytes for t in tensors.values()) / 1e6:.1f} MB")
+        total += write_safetensors(out / fname, tensors)
+        weight_map.update(dict.fromkeys(tensors, fname))
     if shards > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
@@ -260,8 +312,34 @@ def make_model(
     return out
 
 
-def _shard(specs: Iterable, shards: int) -> list[list]:
-    specs = list(specs)
-    per = -(-len(specs) // shards)
-    groups = [specs[i * per : (i + 1) * per] for i in range(shards)]
-    return [g for g in groups if g] or [[]]
+def _plan(cfg: ModelConfig, seed: int, dtype: torch.dtype, fp8: bool, lm_head_scale: float) -> list[dict]:
+    """One {name: LazyTensor} group per weight: the weight, plus its scale_inv when it is FP8."""
+
+    @lru_cache(maxsize=1)  # weight and scale are adjacent in key order: quantize once, hold one tensor
+    def quantized(name: str, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        return quantize_fp8(random_tensor(name, shape, seed, lm_head_scale))
+
+    def plain(name: str, shape: tuple[int, ...], dt: torch.dtype) -> dict[str, LazyTensor]:
+        return {name: LazyTensor(dt, shape, lambda: random_tensor(name, shape, seed, lm_head_scale).to(dt))}
+
+    def fp8_pair(name: str, shape: tuple[int, ...]) -> dict[str, LazyTensor]:
+        scale_shape = (-(-shape[0] // FP8_BLOCK), -(-shape[1] // FP8_BLOCK))
+        return {
+            name: LazyTensor(torch.float8_e4m3fn, shape, lambda: quantized(name, shape)[0]),
+            name + "_scale_inv": LazyTensor(torch.float32, scale_shape, lambda: quantized(name, shape)[1]),
+        }
+
+    groups = []
+    for name, shape in tensor_specs(cfg):
+        if fp8 and name.endswith(_FP8_SUFFIXES):
+            groups.append(fp8_pair(name, shape))
+        else:  # the router (gate weight and bias) stays float32 whatever the dtype
+            groups.append(plain(name, shape, torch.float32 if ".mlp.gate." in name else dtype))
+    return groups
+
+
+def _split(items: list, parts: int) -> list[list]:
+    """``parts`` contiguous, non-empty chunks whose lengths differ by at most one."""
+    q, r = divmod(len(items), parts)
+    bounds = [i * q + min(i, r) for i in range(parts + 1)]
+    return [items[bounds[i] : bounds[i + 1]] for i in range(parts)]
