@@ -65,9 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("model", type=Path, help="checkpoint file, directory, or index json")
     c.add_argument("-o", "--output", type=Path, required=True, help="engine path (.onnx, .plan, .engine)")
-    c.add_argument(
-        "--backend", choices=["onnx", "tensorrt"], help="override the backend chosen by the suffix"
-    )
+    c.add_argument("--backend", choices=["onnx", "tensorrt"], help="override the backend chosen by the suffix")
     c.add_argument("--passes", type=_names, metavar="A,B", help="run exactly these passes, in this order")
     c.add_argument(
         "--disable-pass",
@@ -77,12 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="drop a pass from the pipeline (repeatable)",
     )
     c.add_argument("--print-ir-after-all", action="store_true", help="print the IR after every pass (stderr)")
-    c.add_argument(
-        "--print-ir-after-change", action="store_true", help="print the IR after passes that changed it"
-    )
-    c.add_argument(
-        "--dump-ir-dir", type=Path, metavar="DIR", help="write the IR after each pass to DIR/NNN_pass.txt"
-    )
+    c.add_argument("--print-ir-after-change", action="store_true", help="print the IR after passes that changed it")
+    c.add_argument("--dump-ir-dir", type=Path, metavar="DIR", help="write the IR after each pass to DIR/NNN_pass.txt")
     c.add_argument(
         "--external-data",
         action="store_true",
@@ -93,20 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser(
         "run",
         help="generate tokens with an engine",
-        description="Greedy generation with the KV cache. Prints the generated token ids and "
-        "decode tokens/s.",
+        description="Greedy generation with the KV cache. Prints the generated token ids and decode tokens/s.",
     )
     r.add_argument("engine", type=Path)
     g = r.add_mutually_exclusive_group(required=True)
     g.add_argument("--prompt-ids", type=_ids, metavar="1,2,3", help="prompt token ids")
-    g.add_argument(
-        "--prompt", metavar="TEXT", help="prompt text (needs the tokenizer.json the compile copied)"
-    )
+    g.add_argument("--prompt", metavar="TEXT", help="prompt text (needs the tokenizer.json the compile copied)")
     r.add_argument("--max-new-tokens", type=_positive, default=32)
     r.add_argument("--threads", type=_positive, help="onnxruntime intra-op threads (default: all cores)")
-    r.add_argument(
-        "--json", action="store_true", help="print one JSON object: tokens, tokens_per_s, prefill_s"
-    )
+    r.add_argument("--json", action="store_true", help="print one JSON object: tokens, tokens_per_s, prefill_s")
 
     i = sub.add_parser("inspect", help="summarize a checkpoint, config.json or engine")
     i.add_argument("path", type=Path)
@@ -125,9 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--prompt-ids", type=_ids, metavar="1,2,3", help="prompt (default: 16 seeded random ids)")
     v.add_argument("--steps", type=_positive, default=8, help="decode steps to compare (default 8)")
     v.add_argument("--tolerance", type=float, default=1e-4, help="max relative logit error (default 1e-4)")
-    v.add_argument(
-        "--min-agreement", type=float, default=1.0, help="min greedy top-1 agreement (default 1.0)"
-    )
+    v.add_argument("--min-agreement", type=float, default=1.0, help="min greedy top-1 agreement (default 1.0)")
     v.add_argument("--seed", type=int, default=0)
 
     m = sub.add_parser("make-model", help="write a random-weight checkpoint in the Hugging Face format")
@@ -182,16 +169,12 @@ def cmd_run(a: argparse.Namespace) -> int:
     result = generate(engine, [prompt], a.max_new_tokens)
     tokens = result.tokens[0]
     if a.json:
-        print(
-            json.dumps({"tokens": tokens, "tokens_per_s": result.tokens_per_s, "prefill_s": result.prefill_s})
-        )
+        print(json.dumps({"tokens": tokens, "tokens_per_s": result.tokens_per_s, "prefill_s": result.prefill_s}))
         return 0
     print("tokens: " + ",".join(str(t) for t in tokens))
     if tokenizer is not None:
         print("text:   " + tokenizer.decode(tokens))
-    print(
-        f"prefill {result.prefill_s * 1000:.1f} ms ({len(prompt)} tokens), decode {result.tokens_per_s:.1f} tokens/s"
-    )
+    print(f"prefill {result.prefill_s * 1000:.1f} ms ({len(prompt)} tokens), decode {result.tokens_per_s:.1f} tokens/s")
     return 0
 
 

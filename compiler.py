@@ -81,9 +81,7 @@ def active_params(graph: Graph) -> int:
         if node.op == Op.MOE_ROUTE:
             layer_prefix = node.inputs[1].name.rsplit(".gate.", 1)[0] + ".experts."
             routed = sum(
-                w.value.type.numel() or 0
-                for name, w in graph.weights.items()
-                if name.startswith(layer_prefix)
+                w.value.type.numel() or 0 for name, w in graph.weights.items() if name.startswith(layer_prefix)
             )
             e, k = node.attrs["num_experts"], node.attrs["top_k"]
             inactive += routed * (e - k) // e
@@ -97,9 +95,7 @@ def kv_cache_layout(graph: Graph) -> list[dict[str, Any]]:
         if v.name.startswith("past_key_values."):
             out = v.name.replace("past_key_values.", "present.")
             assert out in outputs, f"cache input {v.name} has no output {out}"
-            tensors.append(
-                {"input": v.name, "output": out, "shape": list(v.type.shape), "dtype": v.type.dtype.value}
-            )
+            tensors.append({"input": v.name, "output": out, "shape": list(v.type.shape), "dtype": v.type.dtype.value})
     return tensors
 
 
@@ -134,9 +130,7 @@ _KV_LAYOUTS = {
 }
 
 
-def build_manifest(
-    graph: Graph, checkpoint, files: list[Path], pm: PassManager, backend: str
-) -> dict[str, Any]:
+def build_manifest(graph: Graph, checkpoint, files: list[Path], pm: PassManager, backend: str) -> dict[str, Any]:
     cfg = checkpoint.config
     skipped = graph.meta.get("skipped_keys", [])
     return {
@@ -193,9 +187,7 @@ def compile_model(
     output = Path(output)
     backend = options.backend or BACKENDS.get(output.suffix.lower())
     if backend is None:
-        raise CompileError(
-            f"{output}: unknown output type '{output.suffix}'; use .onnx (ONNX) or .plan (TensorRT)"
-        )
+        raise CompileError(f"{output}: unknown output type '{output.suffix}'; use .onnx (ONNX) or .plan (TensorRT)")
     if backend == "tensorrt":
         from dsc.backends.tensorrt_support import require_tensorrt
 
@@ -246,9 +238,7 @@ def compile_model(
             last[0] = pct
             log(f"      {pct:3d}%  {done / 2**20:8.1f} MB")
 
-    files = save_model(
-        onnx_model, initializers, output, external_data=options.external_data, progress=progress
-    )
+    files = save_model(onnx_model, initializers, output, external_data=options.external_data, progress=progress)
     written = list(files)
     try:
         manifest = build_manifest(graph, checkpoint, files, pm, backend)
@@ -257,9 +247,7 @@ def compile_model(
             atomic_write_bytes(tok, checkpoint.tokenizer_path.read_bytes())
             written.append(tok)
             manifest["tokenizer"] = tok.name
-        atomic_write_bytes(
-            manifest_path(output), (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
-        )
+        atomic_write_bytes(manifest_path(output), (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
     except BaseException:
         for p in written:  # never leave an engine without its manifest
             p.unlink(missing_ok=True)

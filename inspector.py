@@ -80,9 +80,7 @@ def _model_text(path: Path, s: dict[str, Any]) -> str:
         f"latent ({kv['naive'] / kv['absorbed_latent']:.1f}x), fp32",
     ]
     if s["mtp_layers_skipped"]:
-        lines.append(
-            f"  mtp           {s['mtp_layers_skipped']} multi-token-prediction layer(s) present, not compiled"
-        )
+        lines.append(f"  mtp           {s['mtp_layers_skipped']} multi-token-prediction layer(s) present, not compiled")
     return "\n".join(lines)
 
 
@@ -124,8 +122,7 @@ def _inspect_engine(path: Path) -> tuple[dict[str, Any], str]:
         "  inputs        "
         + ", ".join(f"{i['name']}{i['shape']}" for i in m["io"]["inputs"][:4])
         + (" ..." if len(m["io"]["inputs"]) > 4 else ""),
-        "  passes        "
-        + (", ".join(p["name"] for p in m["passes"] if p["modified"]) or "none changed the IR"),
+        "  passes        " + (", ".join(p["name"] for p in m["passes"] if p["modified"]) or "none changed the IR"),
         f"  checksum      sha256 {m['checksum']['value'][:16]}...",
     ]
     if m["skipped"]["mtp_layers"]:

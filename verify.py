@@ -22,12 +22,9 @@ class VerifyReport:
         lines = [f"{'step':>8} {'tokens':>6} {'max abs':>10} {'max rel':>10} {'top-1':>6}"]
         for s in self.steps:
             lines.append(
-                f"{s['step']:>8} {s['tokens']:>6} {s['max_abs']:10.3g} {s['max_rel']:10.3g} "
-                f"{s['top1_agree']:6.2f}"
+                f"{s['step']:>8} {s['tokens']:>6} {s['max_abs']:10.3g} {s['max_rel']:10.3g} {s['top1_agree']:6.2f}"
             )
-        lines.append(
-            f"max abs {self.max_abs:.3g}, max rel {self.max_rel:.3g}, top-1 agreement {self.agreement:.3f}"
-        )
+        lines.append(f"max abs {self.max_abs:.3g}, max rel {self.max_rel:.3g}, top-1 agreement {self.agreement:.3f}")
         return "\n".join(lines)
 
 
@@ -48,17 +45,11 @@ def verify_engine(model: Path, engine_path: Path, *, prompt: Sequence[int] | Non
     checkpoint, graph = load_graph(model)
     cfg = checkpoint.config
     if engine.manifest["model"]["config"] != cfg.to_dict():
-        raise DscError(
-            f"{engine_path}: the engine was compiled from a model with a different config than {model}"
-        )
+        raise DscError(f"{engine_path}: the engine was compiled from a model with a different config than {model}")
     if prompt is None:
-        prompt = torch.randint(
-            0, cfg.vocab_size, (16,), generator=torch.Generator().manual_seed(seed)
-        ).tolist()
+        prompt = torch.randint(0, cfg.vocab_size, (16,), generator=torch.Generator().manual_seed(seed)).tolist()
     if max(prompt) >= cfg.vocab_size:
-        raise DscError(
-            f"--prompt-ids: token id {max(prompt)} is outside the vocabulary (size {cfg.vocab_size})"
-        )
+        raise DscError(f"--prompt-ids: token id {max(prompt)} is outside the vocabulary (size {cfg.vocab_size})")
     ref = Interpreter(graph)
     ref_past = {
         v.name: torch.zeros([1 if d == "batch" else 0 if d == "past" else d for d in v.type.shape])

@@ -50,13 +50,35 @@ class Initializer:
             n *= d
         return n
 
-    def tensor_bytes(self) -> bytes:
+    def tensor_bytes(self) -> memoryview:
+        """The tensor's little-endian bytes, viewed without a copy."""
         t = self.load()
         if t.dtype != self.dtype or tuple(t.shape) != tuple(self.shape):
             raise ValueError(
                 f"initializer {self.name}: got {t.dtype}{list(t.shape)}, declared {self.dtype}{list(self.shape)}"
             )
-        return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS. glibc raises its mmap threshold after large frees, so tensors
+    of a few tens of MB come from the heap and, freed, would stay resident; trimming keeps RSS bounded."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc():
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim  # noqa: B018 (glibc only)
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_LIBC = _load_libc()
 
 
 def _tensor_proto(init: Initializer, raw: bytes | None) -> TensorProto:
@@ -148,6 +170,8 @@ def _write_single(model, initializers, tmp: Path, total: int, progress) -> None:
             f.write(raw_field)
             f.write(raw)
             done += len(raw)
+            del raw
+            _release_freed_memory()
             if progress:
                 progress(done, total)
 
@@ -160,7 +184,7 @@ def _write_external(model, initializers, tmp_model: Path, tmp_data: Path, locati
         for init in initializers:
             raw = init.tensor_bytes()
             if len(raw) < _INLINE_BELOW:  # shape constants must stay inline for shape inference
-                out.graph.initializer.append(_tensor_proto(init, raw))
+                out.graph.initializer.append(_tensor_proto(init, bytes(raw)))
                 done += len(raw)
                 continue
             pad = (-offset) % _ALIGN
@@ -175,6 +199,8 @@ def _write_external(model, initializers, tmp_model: Path, tmp_data: Path, locati
             out.graph.initializer.append(t)
             offset += len(raw)
             done += len(raw)
+            del raw
+            _release_freed_memory()
             if progress:
                 progress(done, total)
     tmp_model.write_bytes(out.SerializeToString())

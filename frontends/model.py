@@ -34,9 +34,7 @@ class Leaf(nn.Module):
 
     op: Op
 
-    def __init__(
-        self, attrs: dict[str, Any] | None = None, weights: tuple[tuple[str, tuple[int, ...]], ...] = ()
-    ):
+    def __init__(self, attrs: dict[str, Any] | None = None, weights: tuple[tuple[str, tuple[int, ...]], ...] = ()):
         super().__init__()
         self.attrs = dict(attrs or {})
         self.weight_specs = weights
@@ -165,8 +163,7 @@ class MoE(nn.Module):
         super().__init__()
         self.gate = MoeRouter(f"{key}.gate", cfg)
         self.experts = nn.ModuleList(
-            MLP(f"{key}.experts.{e}", cfg.hidden_size, cfg.moe_intermediate_size)
-            for e in range(cfg.n_routed_experts)
+            MLP(f"{key}.experts.{e}", cfg.hidden_size, cfg.moe_intermediate_size) for e in range(cfg.n_routed_experts)
         )
         self.combine = MoeCombine(cfg.n_routed_experts)
         shared = (cfg.n_shared_experts or 0) * cfg.moe_intermediate_size
@@ -195,13 +192,9 @@ class MLA(nn.Module):
             self.q_b_proj = Linear(f"{key}.q_b_proj", cfg.q_lora_rank, n * qk)
         else:
             self.q_proj = Linear(f"{key}.q_proj", h, n * qk)
-        self.kv_a_proj_with_mqa = Linear(
-            f"{key}.kv_a_proj_with_mqa", h, cfg.kv_lora_rank + cfg.qk_rope_head_dim
-        )
+        self.kv_a_proj_with_mqa = Linear(f"{key}.kv_a_proj_with_mqa", h, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
         self.kv_a_layernorm = RMSNorm(f"{key}.kv_a_layernorm", cfg.kv_lora_rank, cfg.rms_norm_eps)
-        self.kv_b_proj = Linear(
-            f"{key}.kv_b_proj", cfg.kv_lora_rank, n * (cfg.qk_nope_head_dim + cfg.v_head_dim)
-        )
+        self.kv_b_proj = Linear(f"{key}.kv_b_proj", cfg.kv_lora_rank, n * (cfg.qk_nope_head_dim + cfg.v_head_dim))
         self.o_proj = Linear(f"{key}.o_proj", n * cfg.v_head_dim, h)
         self.rope = rope
         self.attn = CausalAttention(cfg.softmax_scale)
@@ -233,9 +226,7 @@ class DecoderLayer(nn.Module):
         key = f"model.layers.{index}"
         self.input_layernorm = RMSNorm(f"{key}.input_layernorm", cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = MLA(f"{key}.self_attn", cfg, rope)
-        self.post_attention_layernorm = RMSNorm(
-            f"{key}.post_attention_layernorm", cfg.hidden_size, cfg.rms_norm_eps
-        )
+        self.post_attention_layernorm = RMSNorm(f"{key}.post_attention_layernorm", cfg.hidden_size, cfg.rms_norm_eps)
         if cfg.is_moe_layer(index):
             self.mlp = MoE(f"{key}.mlp", cfg)
         else:

@@ -95,9 +95,7 @@ class _Translator:
         if fn is torch.nn.functional.silu:
             return self.op(Op.SILU, args)
         if fn is torch.cat:
-            return self.op(
-                Op.CONCAT, list(args[0]), {"axis": kwargs.get("dim", args[1] if len(args) > 1 else 0)}
-            )
+            return self.op(Op.CONCAT, list(args[0]), {"axis": kwargs.get("dim", args[1] if len(args) > 1 else 0)})
         if fn is operator.getitem:
             return args[0][args[1]]
         raise NotImplementedError(f"tracer: function {fn} has no IR mapping")

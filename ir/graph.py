@@ -236,9 +236,7 @@ class GraphBuilder:
         out_types = infer_types(op, [v.type for v in inputs], attrs)
         node_name = self.fresh(name or op.value, node=True)
         if out_names is None:
-            out_names = (
-                [node_name] if len(out_types) == 1 else [f"{node_name}.{i}" for i in range(len(out_types))]
-            )
+            out_names = [node_name] if len(out_types) == 1 else [f"{node_name}.{i}" for i in range(len(out_types))]
         outputs = tuple(Value(self.fresh(n), t) for n, t in zip(out_names, out_types, strict=True))
         node = Node(op, node_name, inputs, outputs, attrs, dict(meta or {}))
         if self.insert_at is None:

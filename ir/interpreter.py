@@ -32,9 +32,7 @@ class Interpreter:
             t = feeds[v.name]
             problem = bind_dims(v.type.shape, tuple(t.shape), dims)
             if problem or t.dtype != v.type.dtype.torch:
-                raise ValueError(
-                    f"input {v.name}: got {t.dtype}{list(t.shape)}, expected {v.type} ({problem})"
-                )
+                raise ValueError(f"input {v.name}: got {t.dtype}{list(t.shape)}, expected {v.type} ({problem})")
             env[v.name] = t
         for name in self.graph.weights:
             env[name] = self.weight(name)

@@ -86,9 +86,7 @@ def _infer_rms_norm(t: list[TensorType], a: Attrs) -> list[TensorType]:
 def _infer_rope(t: list[TensorType], a: Attrs) -> list[TensorType]:
     x, pos = t
     _need(pos.rank == 2 and x.shape[:2] == pos.shape, f"rope positions {pos} do not match input {x}")
-    _need(
-        x.shape[-1] == 2 * len(a["inv_freq"]), f"rope: {len(a['inv_freq'])} frequencies for dim {x.shape[-1]}"
-    )
+    _need(x.shape[-1] == 2 * len(a["inv_freq"]), f"rope: {len(a['inv_freq'])} frequencies for dim {x.shape[-1]}")
     return [x]
 
 
@@ -258,9 +256,7 @@ SCHEMAS: dict[Op, OpSchema] = {
     Op.ADD: OpSchema((2, 2), _infer_binary, lambda i, a: [i[0] + i[1]]),
     Op.MUL: OpSchema((2, 2), _infer_binary, lambda i, a: [i[0] * i[1]]),
     Op.SILU: OpSchema((1, 1), _infer_unary, lambda i, a: [F.silu(i[0])]),
-    Op.SPLIT: OpSchema(
-        (1, 1), _infer_split, lambda i, a: list(torch.split(i[0], list(a["sizes"]), a["axis"]))
-    ),
+    Op.SPLIT: OpSchema((1, 1), _infer_split, lambda i, a: list(torch.split(i[0], list(a["sizes"]), a["axis"]))),
     Op.CONCAT: OpSchema((1, None), _infer_concat, lambda i, a: [torch.cat(i, a["axis"])]),
     Op.RESHAPE: OpSchema((1, 1), _infer_reshape, lambda i, a: [_reshape(i[0], a["shape"])]),
     Op.EXPAND: OpSchema((1, 1), _infer_expand, lambda i, a: [_expand(i[0], a)]),

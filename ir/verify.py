@@ -35,9 +35,7 @@ def verify(graph: Graph) -> None:
             if v.name not in defined:
                 raise VerifyError(f"{node.name}: input %{v.name} is not defined before use")
             if defined[v.name] != v:
-                raise VerifyError(
-                    f"{node.name}: input %{v.name} has type {v.type}, defined as {defined[v.name].type}"
-                )
+                raise VerifyError(f"{node.name}: input %{v.name} has type {v.type}, defined as {defined[v.name].type}")
         try:
             expected = infer_types(node.op, [v.type for v in node.inputs], node.attrs)
         except (TypeError_, KeyError) as exc:

@@ -34,9 +34,7 @@ class Engine(Protocol):
     manifest: dict[str, Any]
     cache: list[CacheSpec]
 
-    def step(
-        self, input_ids: np.ndarray, position_ids: np.ndarray, past: list[np.ndarray]
-    ) -> tuple[np.ndarray, list]:
+    def step(self, input_ids: np.ndarray, position_ids: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, list]:
         """Run new tokens through the model. Returns (logits [b, s, vocab], present cache tensors)."""
         ...
 
@@ -61,10 +59,7 @@ def read_manifest(engine_path: Path) -> dict[str, Any]:
 
 
 def cache_specs(manifest: dict[str, Any]) -> list[CacheSpec]:
-    return [
-        CacheSpec(c["input"], c["output"], tuple(c["shape"]), c["dtype"])
-        for c in manifest["kv_cache"]["tensors"]
-    ]
+    return [CacheSpec(c["input"], c["output"], tuple(c["shape"]), c["dtype"]) for c in manifest["kv_cache"]["tensors"]]
 
 
 class OnnxEngine:
@@ -80,18 +75,12 @@ class OnnxEngine:
         opts.intra_op_num_threads = threads or min(os.cpu_count() or 1, 16)
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         try:
-            self.session = ort.InferenceSession(
-                str(path), opts, providers=providers or ["CPUExecutionProvider"]
-            )
+            self.session = ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own exception types for corrupt models
-            raise EngineError(
-                f"{path}: onnxruntime cannot load the engine: {str(exc).splitlines()[0]}"
-            ) from exc
+            raise EngineError(f"{path}: onnxruntime cannot load the engine: {str(exc).splitlines()[0]}") from exc
         self._outputs = ["logits"] + [c.output for c in self.cache]
 
-    def step(
-        self, input_ids: np.ndarray, position_ids: np.ndarray, past: list[np.ndarray]
-    ) -> tuple[np.ndarray, list]:
+    def step(self, input_ids: np.ndarray, position_ids: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, list]:
         feeds = {"input_ids": input_ids, "position_ids": position_ids}
         feeds.update({c.input: p for c, p in zip(self.cache, past, strict=True)})
         logits, *present = self.session.run(self._outputs, feeds)

@@ -3,6 +3,9 @@ that transformers itself saved (save_pretrained), run in float32 with eager atte
 
 from __future__ import annotations
 
+import copy
+import inspect
+import json
 from pathlib import Path
 
 import torch
@@ -34,6 +37,7 @@ _COMMON = dict(
 
 # Together: model_type v3 and v2; q_lora_rank null; yarn (with mscale_all_dim); n_group 1; first_k_dense_replace
 # 0 and 2; softmax greedy and group_limited_greedy (v2); sigmoid noaux_tc (v3); tied embeddings; both rope layouts.
+# No config sets moe_layer_freq: transformers ignores it (layer i is MoE iff i >= first_k_dense_replace).
 HF_CONFIGS: dict[str, dict] = {
     "v3_yarn_grouped": dict(
         _COMMON,
@@ -119,6 +123,32 @@ HF_CONFIGS: dict[str, dict] = {
         tie_word_embeddings=True,
         routed_scaling_factor=2.5,
     ),
+    # Two transformers rules the others leave untested. q_a_layernorm/kv_a_layernorm are built without eps, so
+    # they use 1e-6 whatever rms_norm_eps says (Moonlight-style checkpoints have 1e-5). YaRN with mscale_all_dim
+    # but no mscale: transformers' attention_factor falls back to 0.1 ln(factor) + 1, so cos/sin are scaled.
+    "v3_eps_yarn_cos_scaled": dict(
+        _COMMON,
+        model_type="deepseek_v3",
+        num_hidden_layers=2,
+        q_lora_rank=32,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
+        first_k_dense_replace=1,
+        routed_scaling_factor=2.5,
+        rms_norm_eps=1e-2,
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 8.0,
+            "original_max_position_embeddings": 32,
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "mscale_all_dim": 0.707,
+        },
+    ),
 }
 
 
@@ -131,11 +161,17 @@ def _model_class(model_type: str):
     }[model_type]
 
 
+def hf_config(name: str):
+    """The transformers config object of HF_CONFIGS[name] (a deep copy: transformers edits rope dicts in place)."""
+    raw = copy.deepcopy(HF_CONFIGS[name])
+    config_cls, _ = _model_class(raw.pop("model_type"))
+    return config_cls(**raw)
+
+
 def save_hf_checkpoint(name: str, out_dir: Path, *, seed: int = 0, lm_head_scale: float = 4.0) -> Path:
     """Build the named config in transformers with random weights and save_pretrained it (safetensors, fp32)."""
-    raw = dict(HF_CONFIGS[name])
-    config_cls, model_cls = _model_class(raw.pop("model_type"))
-    config = config_cls(**raw)
+    config = hf_config(name)
+    _, model_cls = _model_class(config.model_type)
     torch.manual_seed(seed)
     model = model_cls(config).eval()
     with torch.no_grad():
@@ -154,32 +190,42 @@ def save_hf_checkpoint(name: str, out_dir: Path, *, seed: int = 0, lm_head_scale
     return Path(out_dir)
 
 
-def load_hf_model(ckpt_dir: Path):
-    import json
-
+def load_hf_model(ckpt_dir: Path, *, loading_info: bool = False):
+    """from_pretrained in float32 with eager attention; with loading_info, also transformers' key report."""
     model_type = json.loads((Path(ckpt_dir) / "config.json").read_text())["model_type"]
     _, model_cls = _model_class(model_type)
-    return model_cls.from_pretrained(ckpt_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    model, info = model_cls.from_pretrained(
+        ckpt_dir, dtype=torch.float32, attn_implementation="eager", output_loading_info=True
+    )
+    return (model.eval(), info) if loading_info else model.eval()
+
+
+def _cache_kwarg(model) -> str:
+    # transformers 5.24 renamed past_key_values to cache (the old name still works until 5.40); earlier 5.x
+    # releases take only past_key_values and would silently ignore a ``cache`` keyword.
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 @torch.no_grad()
-def hf_reference_logits(ckpt_dir: Path, prompt: list[list[int]], decode_steps: int):
+def hf_reference_logits(
+    ckpt_dir: Path, prompt: list[list[int]], decode_steps: int
+) -> tuple[torch.Tensor, list[torch.Tensor], list[list[int]]]:
     """Prefill logits [b, s, V], then greedy decode through transformers' own KV cache.
 
-    Returns (prefill logits, per-step logits [b, 1, V] for each decode step, generated ids per row). The
-    first generated token comes from the prefill logits; step i's logits predict token i + 1.
+    Returns (prefill logits, per-step logits [b, 1, V] for each of ``decode_steps`` steps, generated ids per
+    row). The generated ids are ``decode_steps + 1`` per row: the first comes from the prefill logits, step i
+    feeds generated[i] at position s + i and its logits give generated[i + 1].
     """
     model = load_hf_model(ckpt_dir)
+    key = _cache_kwarg(model)
     ids = torch.tensor(prompt)
     out = model(ids, use_cache=True)
     prefill = out.logits
-    cache = out.cache if hasattr(out, "cache") else out.past_key_values
     nxt = prefill[:, -1].argmax(-1, keepdim=True)
-    generated = [nxt]
-    steps = []
+    generated, steps = [nxt], []
     for _ in range(decode_steps):
-        out = model(nxt, cache=cache, use_cache=True)
         cache = out.cache if hasattr(out, "cache") else out.past_key_values
+        out = model(nxt, use_cache=True, **{key: cache})
         steps.append(out.logits)
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         generated.append(nxt)
