@@ -95,8 +95,9 @@ class RopeScaling:
     original_max_position_embeddings: int
     beta_fast: float = 32.0
     beta_slow: float = 1.0
-    mscale: float = 1.0
+    mscale: float = 0.0  # 0 = absent: transformers then scales cos/sin by 0.1 ln(factor) + 1
     mscale_all_dim: float = 0.0
+    attention_factor: float | None = None  # explicit cos/sin scaling, overrides the mscale rule
 
 
 @dataclass(frozen=True)
@@ -187,8 +188,9 @@ def _rope(raw: dict[str, Any], source: str) -> tuple[float, RopeScaling | None]:
         original_max_position_embeddings=int(orig),
         beta_fast=float(params.get("beta_fast") or 32.0),
         beta_slow=float(params.get("beta_slow") or 1.0),
-        mscale=float(params.get("mscale") or 1.0),
+        mscale=float(params.get("mscale") or 0.0),
         mscale_all_dim=float(params.get("mscale_all_dim") or 0.0),
+        attention_factor=float(params["attention_factor"]) if params.get("attention_factor") else None,
     )
 
 

@@ -115,6 +115,11 @@ class MoeCombine(Leaf):
         super().__init__({"num_experts": num_experts})
 
 
+# transformers and DeepSeek's reference build q_a_layernorm / kv_a_layernorm with the RMSNorm default eps,
+# whatever rms_norm_eps says (it only reaches the per-layer and final norms).
+LATENT_NORM_EPS = 1e-6
+
+
 def rope_frequencies(cfg: ModelConfig) -> tuple[list[float], float]:
     """RoPE inverse frequencies and cos/sin scaling, with YaRN when configured (DESIGN.md §4)."""
     dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
@@ -138,7 +143,9 @@ def rope_frequencies(cfg: ModelConfig) -> tuple[list[float], float]:
     ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
     extrapolation = 1 - ramp
     inv_freq = (1.0 / (ys.factor * pos_freqs)) * (1 - extrapolation) + inv_freq * extrapolation
-    if ys.mscale and ys.mscale_all_dim:
+    if ys.attention_factor is not None:
+        scaling = ys.attention_factor
+    elif ys.mscale and ys.mscale_all_dim:
         scaling = get_mscale(ys.factor, ys.mscale) / get_mscale(ys.factor, ys.mscale_all_dim)
     else:
         scaling = get_mscale(ys.factor)
@@ -188,12 +195,12 @@ class MLA(nn.Module):
         qk = cfg.qk_head_dim
         if cfg.q_lora_rank:
             self.q_a_proj = Linear(f"{key}.q_a_proj", h, cfg.q_lora_rank)
-            self.q_a_layernorm = RMSNorm(f"{key}.q_a_layernorm", cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_a_layernorm = RMSNorm(f"{key}.q_a_layernorm", cfg.q_lora_rank, LATENT_NORM_EPS)
             self.q_b_proj = Linear(f"{key}.q_b_proj", cfg.q_lora_rank, n * qk)
         else:
             self.q_proj = Linear(f"{key}.q_proj", h, n * qk)
         self.kv_a_proj_with_mqa = Linear(f"{key}.kv_a_proj_with_mqa", h, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
-        self.kv_a_layernorm = RMSNorm(f"{key}.kv_a_layernorm", cfg.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_a_layernorm = RMSNorm(f"{key}.kv_a_layernorm", cfg.kv_lora_rank, LATENT_NORM_EPS)
         self.kv_b_proj = Linear(f"{key}.kv_b_proj", cfg.kv_lora_rank, n * (cfg.qk_nope_head_dim + cfg.v_head_dim))
         self.o_proj = Linear(f"{key}.o_proj", n * cfg.v_head_dim, h)
         self.rope = rope
