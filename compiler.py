@@ -67,6 +67,12 @@ def current_rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
+    """This process image's peak RSS (VmHWM). Not ru_maxrss: Linux carries that across fork and exec, so a
+    compile started from a big parent process would report the parent's size."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 

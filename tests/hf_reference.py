@@ -20,6 +20,9 @@ _YARN = {
     "mscale": 0.707,
     "mscale_all_dim": 0.707,
 }
+# mscale != mscale_all_dim: cos/sin scaled by yarn_mscale(40, 1) / yarn_mscale(40, 0.707) = 1.086, the only
+# config where that ratio is not 1.
+_YARN_RATIO = {**_YARN, "mscale": 1.0}
 _COMMON = dict(
     vocab_size=128,
     hidden_size=64,
@@ -107,7 +110,7 @@ HF_CONFIGS: dict[str, dict] = {
         topk_method="group_limited_greedy",
         first_k_dense_replace=0,
         routed_scaling_factor=16.0,
-        rope_parameters=_YARN,
+        rope_parameters=_YARN_RATIO,
     ),
     "v3_tied_single_group": dict(
         _COMMON,
@@ -123,9 +126,11 @@ HF_CONFIGS: dict[str, dict] = {
         tie_word_embeddings=True,
         routed_scaling_factor=2.5,
     ),
-    # Two transformers rules the others leave untested. q_a_layernorm/kv_a_layernorm are built without eps, so
-    # they use 1e-6 whatever rms_norm_eps says (Moonlight-style checkpoints have 1e-5). YaRN with mscale_all_dim
-    # but no mscale: transformers' attention_factor falls back to 0.1 ln(factor) + 1, so cos/sin are scaled.
+    # Two transformers rules the others leave untested. (1) q_a_layernorm/kv_a_layernorm are built without an
+    # eps, so they use 1e-6 whatever rms_norm_eps says (DeepSeek's own code agrees); 1e-2 is exaggerated so a
+    # wrong eps shows far above 1e-4 (Moonlight-style 1e-5 errs by only ~9e-5). (2) YaRN with mscale_all_dim but
+    # no mscale: transformers' attention_factor falls back to 0.1 ln(factor) + 1 (1.208 here), so cos/sin are
+    # scaled, while the softmax scale gets yarn_mscale(factor, mscale_all_dim)^2.
     "v3_eps_yarn_cos_scaled": dict(
         _COMMON,
         model_type="deepseek_v3",

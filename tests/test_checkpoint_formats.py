@@ -5,8 +5,10 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
+from dsc.backends.onnx_io import check_model
 from dsc.compiler import CompileOptions, compile_model
 from dsc.frontends.checkpoint import Checkpoint
 from dsc.frontends.presets import make_model
@@ -90,6 +92,15 @@ def test_same_input_compiles_to_identical_bytes(tiny, tmp_path):
             [hashlib.sha256(p.read_bytes()).hexdigest() for p in [*s.files, tmp_path / name / "m.manifest.json"]]
         )
     assert digests[0] == digests[1]
+
+
+def test_engines_pass_the_onnx_checker_with_shape_inference(tiny, tmp_path):
+    for name, kw in (("latent", {}), ("naive", {"disable_passes": ("mla-absorb",)}), ("ext", {"external_data": True})):
+        check_model(compile_quiet(tiny, tmp_path / f"{name}.onnx", **kw).output)
+        inferred = onnx.shape_inference.infer_shapes_path(
+            str(tmp_path / f"{name}.onnx"), str(tmp_path / f"{name}.inf.onnx"), check_type=True, strict_mode=True
+        )
+        assert inferred is None
 
 
 def test_external_data_engine_matches_single_file(tiny, tmp_path):

@@ -168,3 +168,22 @@ def test_console_script_reports_errors_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("dsc: error:") and "Traceback" not in proc.stderr
     assert "no model.safetensors" in proc.stderr
+
+
+def test_prompt_text_through_the_checkpoints_tokenizer(tiny, tmp_path, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["hello", "world", "deep", "seek", "mixture", "of", "experts"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)} | {"[UNK]": len(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    ckpt = Path(shutil.copytree(tiny, tmp_path / "ckpt"))
+    tok.save(str(ckpt / "tokenizer.json"))
+    engine = tmp_path / "t.onnx"
+    assert run_cli(capsys, "compile", str(ckpt), "-o", str(engine), "-q")[0] == 0
+    assert (tmp_path / "t.tokenizer.json").is_file()
+    code, out, _ = run_cli(capsys, "run", str(engine), "--prompt", "hello deep seek", "--max-new-tokens", "4", "--json")
+    by_text = json.loads(out)["tokens"]
+    code2, out2, _ = run_cli(capsys, "run", str(engine), "--prompt-ids", "0,2,3", "--max-new-tokens", "4", "--json")
+    assert code == code2 == 0 and by_text == json.loads(out2)["tokens"]
+    code, out, _ = run_cli(capsys, "run", str(engine), "--prompt", "hello deep seek", "--max-new-tokens", "4")
+    assert code == 0 and "text:" in out

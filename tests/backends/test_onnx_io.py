@@ -99,7 +99,7 @@ def test_unwritable_destination(tmp_path):
 
 
 def test_streaming_keeps_memory_bounded(tmp_path):
-    """300 MB of weights produced on the fly: peak RSS grows by well under the data size (< 120 MB)."""
+    """300 MB of weights produced on the fly: peak RSS grows by about two tensors (30 MB each), < 100 MB."""
     script = textwrap.dedent(f"""
         import resource, torch, onnx
         from onnx import helper, TensorProto
@@ -116,11 +116,12 @@ def test_streaming_keeps_memory_bounded(tmp_path):
                  for i in range(n)]
         torch.zeros(1); before = rss()
         save_model(m, inits, __import__("pathlib").Path({str(tmp_path)!r}) / "big.onnx")
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the (large) pytest parent across exec.
+        peak = next(int(x.split()[1]) * 1024 for x in open('/proc/self/status') if x.startswith('VmHWM:'))
         print((peak - before) / 2**20)
     """)
     growth_mb = float(
         subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True).stdout.strip()
     )
     assert (tmp_path / "big.onnx").stat().st_size > 300 * 2**20
-    assert growth_mb < 120, growth_mb
+    assert growth_mb < 100, growth_mb

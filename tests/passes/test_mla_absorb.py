@@ -69,3 +69,55 @@ def test_refuses_attention_without_a_cache_and_says_why():
     (reason,) = result.stats["refused"].values()
     assert "expected concat" in reason
     assert result.graph.nodes == b.graph.nodes
+
+
+def traced_tiny(q_lora: bool, yarn: bool) -> Graph:
+    """The frontend's trace of a small random-weight model (2 layers, 1 dense + 1 MoE)."""
+    from dsc.frontends.config import config_from_dict
+    from dsc.frontends.presets import PRESETS
+    from dsc.frontends.trace import trace_model
+    from dsc.ir import Constant
+
+    raw = dict(PRESETS["tiny"], num_hidden_layers=2, q_lora_rank=32 if q_lora else None)
+    if not yarn:
+        raw.pop("rope_scaling")
+    cfg = config_from_dict(raw)
+
+    def provider(key, shape):
+        gen = torch.Generator().manual_seed(hash(key) % 2**31)
+        t = torch.randn(shape, generator=gen) * (0.1 if len(shape) == 2 else 0.05) + (1.0 if "norm" in key else 0.0)
+        return DType.F32, Constant(t, key)
+
+    return trace_model(cfg, provider)
+
+
+@pytest.mark.parametrize("q_lora,yarn", list(itertools.product([True, False], repeat=2)))
+def test_traced_model_absorbs_exactly(q_lora, yarn):
+    g = traced_tiny(q_lora, yarn)
+    result = MlaAbsorbPass().run(g)
+    assert result.stats["absorbed"] == 2 and not result.stats["refused"]
+    verify(result.graph)
+    after = CleanupPass().run(result.graph).graph
+    assert all(v.type.shape == ("batch", "past", 16 + 8) for v in after.inputs if v.name.startswith("past_"))
+
+    def steps(graph: Graph) -> list[torch.Tensor]:
+        caches = [v for v in graph.inputs if v.name.startswith("past_key_values.")]
+        past = {
+            v.name: torch.zeros([1 if d == "batch" else 0 if d == "past" else d for d in v.type.shape]) for v in caches
+        }
+        ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(1))
+        outs, start = [], 0
+        for length in (6, 1, 1, 1):
+            feeds = {
+                "input_ids": ids[:, start : start + length],
+                "position_ids": torch.arange(start, start + length)[None],
+                **past,
+            }
+            out = interpret(graph, feeds)
+            outs.append(out["logits"])
+            past = {k: out[k.replace("past_key_values.", "present.")] for k in past}
+            start += length
+        return outs
+
+    for a, b in zip(steps(after), steps(g), strict=True):
+        assert _rel(a, b) < RTOL
