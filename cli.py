@@ -82,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="always put weights in <engine>.data (default: only past 2 GB)",
     )
+    c.add_argument(
+        "--moe-lowering",
+        choices=["contrib", "gather"],
+        default="contrib",
+        help="fused experts in ONNX: onnxruntime's com.microsoft MoE kernel (default, fastest on CPU) "
+        "or standard ops only (gather the chosen experts' weights)",
+    )
     c.add_argument("-q", "--quiet", action="store_true", help="print only the closing summary")
 
     r = sub.add_parser(
@@ -145,6 +152,7 @@ def cmd_compile(a: argparse.Namespace) -> int:
         print_ir_after_change=a.print_ir_after_change,
         dump_ir_dir=a.dump_ir_dir,
         external_data=True if a.external_data else None,
+        moe_lowering=a.moe_lowering,
     )
     summary = compile_model(a.model, a.output, opts, log=_log(a.quiet))
     print("\n".join(summary.lines()))

@@ -30,6 +30,7 @@ class CompileOptions:
     print_ir_after_change: bool = False
     dump_ir_dir: Path | None = None
     external_data: bool | None = None  # None = only when the weights pass 2 GB
+    moe_lowering: str = "contrib"  # fused experts in ONNX: onnxruntime's MoE kernel, or "gather" (standard ops)
 
 
 @dataclass
@@ -232,7 +233,7 @@ def compile_model(
         )
     t = stage("passes", t)
     log("[3/4] lowering to ONNX opset")
-    onnx_model, initializers = lower_to_onnx(graph, producer_version=__version__)
+    onnx_model, initializers = lower_to_onnx(graph, producer_version=__version__, moe_lowering=options.moe_lowering)
     t = stage("lower", t)
     total = sum(_numel(i.shape) * _itemsize(i.dtype) for i in initializers)
     log(f"[4/4] writing {output} ({total / 2**20:.1f} MB of weights)")

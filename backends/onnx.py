@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import torch
 from dsc.backends.onnx_io import Initializer
-from dsc.ir.graph import Graph, Node, Op, Value
+from dsc.ir.graph import Graph, Node, Op, Stacked, Value
 from dsc.ir.types import DType
 from onnx import TensorProto, helper
 
@@ -44,8 +44,27 @@ class _Emitter:
     graph: Graph
     nodes: list[onnx.NodeProto] = field(default_factory=list)
     initializers: list[Initializer] = field(default_factory=list)
+    moe_lowering: str = "contrib"
     _consts: dict[tuple, str] = field(default_factory=dict)
     _names: set[str] = field(default_factory=set)
+    _owned: dict[tuple, str] = field(default_factory=dict)
+
+    def owned_weight(self, node: Node, layout: str) -> str:
+        """An initializer built by a lowering from some of ``node``'s weight inputs (one per layout)."""
+        inputs, fn = _OWNED_LAYOUTS[layout]
+        weights = [self.graph.weights[node.inputs[i].name] for i in inputs]
+        key = (layout, tuple(w.name for w in weights))
+        if key not in self._owned:
+            sample = fn(*(torch.empty(w.value.type.shape, device="meta") for w in weights))
+            name = self.fresh(f"{weights[0].name}.{layout}")
+            build = _per_expert(fn)
+            self.initializers.append(
+                Initializer(
+                    name, sample.dtype, tuple(sample.shape), lambda ws=weights, b=build: b(*(w.source for w in ws))
+                )
+            )
+            self._owned[key] = name
+        return self._owned[key]
 
     def fresh(self, hint: str) -> str:
         name, i = hint, 0
@@ -223,6 +242,115 @@ def _moe_combine(e: _Emitter, n: Node, ins: list[str]) -> list[str]:
     return [e.emit("Squeeze", [mixed, e.i64([-2])], name=n.name, outputs=[n.output.name])]
 
 
+def _moe_experts(e: _Emitter, n: Node, ins: list[str]) -> list[str]:
+    """Routed experts, computing only the chosen ones (see ``MOE_LOWERINGS``)."""
+    return MOE_LOWERINGS[e.moe_lowering](e, n, ins)
+
+
+def _flat_routing(e: _Emitter, n: Node, ins: list[str]) -> tuple[str, str, str, str]:
+    """x as [tokens, H], routing weights and experts as [tokens, k], and the original shape of x."""
+    x, w, idx = ins[:3]
+    hidden, k = n.inputs[0].type.shape[-1], n.inputs[1].type.shape[-1]
+    shape = e.emit("Shape", [x], name=n.name)
+    return (
+        e.emit("Reshape", [x, e.i64([-1, hidden])], name=n.name),
+        e.emit("Reshape", [w, e.i64([-1, k])], name=n.name),
+        e.emit("Reshape", [idx, e.i64([-1, k])], name=n.name),
+        shape,
+    )
+
+
+def _moe_contrib(e: _Emitter, n: Node, ins: list[str]) -> list[str]:
+    """onnxruntime's com.microsoft MoE kernel (CPU: interleaved SwiGLU, alpha 1, beta 0 = silu(g) * u).
+
+    Its router applies softmax and top-k to the probabilities it is given. Feeding it log(w) scattered over
+    the chosen experts (log 0 = -inf elsewhere) makes softmax return w / sum(w) at exactly DeepSeek's
+    choices, and multiplying the output by sum(w) restores the weights: routing stays exact (DESIGN.md §8).
+    """
+    n_exp, k = n.attrs["num_experts"], n.inputs[1].type.shape[-1]
+    x2, w2, idx2, shape = _flat_routing(e, n, ins)
+    zeros = e.emit(
+        "ConstantOfShape",
+        [e.emit("Concat", [e.emit("Shape", [w2], name=n.name, end=1), e.i64([n_exp])], name=n.name, axis=0)],
+        name=n.name,
+        value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]),
+    )
+    dense = e.emit("ScatterElements", [zeros, idx2, w2], name=n.name, axis=-1)
+    logits = e.emit("Log", [dense], name=n.name)
+    fc1, fc2 = e.owned_weight(n, "glu_interleaved"), e.owned_weight(n, "down")
+    y = e.emit(
+        "MoE",
+        [x2, logits, fc1, "", fc2],
+        name=n.name,
+        domain="com.microsoft",
+        k=k,
+        activation_type="swiglu",
+        swiglu_fusion=1,
+        activation_alpha=1.0,
+        activation_beta=0.0,
+        swiglu_limit=1e30,
+        normalize_routing_weights=0,
+    )
+    total = e.emit("ReduceSum", [w2, e.i64([-1])], name=n.name, keepdims=1)
+    y = e.emit("Mul", [y, total], name=n.name)
+    return [e.emit("Reshape", [y, shape], name=n.name, outputs=[n.output.name])]
+
+
+def _moe_gather(e: _Emitter, n: Node, ins: list[str]) -> list[str]:
+    """Standard ops only: gather each token's chosen experts' weights and apply them (batched MatMul).
+
+    Exact and sparse, and what TensorRT can parse; it copies k expert matrices per token, which is cheap for
+    decode (one token) and grows with the prompt for prefill."""
+    inter = n.inputs[3].type.shape[1]
+    x2, w2, idx2, shape = _flat_routing(e, n, ins)
+    gate_up = e.emit("Gather", [e.owned_weight(n, "gate_up_t"), idx2], name=n.name, axis=0)  # [T, k, H, 2I]
+    down = e.emit("Gather", [e.owned_weight(n, "down_t"), idx2], name=n.name, axis=0)  # [T, k, I, H]
+    xs = e.emit("Unsqueeze", [x2, e.i64([1, 2])], name=n.name)  # [T, 1, 1, H]
+    g, u = e.emit(
+        "Split", [e.emit("MatMul", [xs, gate_up], name=n.name), e.i64([inter, inter])], 2, name=n.name, axis=-1
+    )
+    h = e.emit("Mul", [e.emit("Mul", [g, e.emit("Sigmoid", [g], name=n.name)], name=n.name), u], name=n.name)
+    y = e.emit("Squeeze", [e.emit("MatMul", [h, down], name=n.name), e.i64([2])], name=n.name)  # [T, k, H]
+    y = e.emit("Mul", [y, e.emit("Unsqueeze", [w2, e.i64([-1])], name=n.name)], name=n.name)
+    y = e.emit("ReduceSum", [y, e.i64([1])], name=n.name, keepdims=0)
+    return [e.emit("Reshape", [y, shape], name=n.name, outputs=[n.output.name])]
+
+
+MOE_LOWERINGS = {"contrib": _moe_contrib, "gather": _moe_gather}
+
+
+def _glu_interleaved(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return torch.stack([gate, up], dim=2).flatten(1, 2).contiguous()  # rows g0, u0, g1, u1, ...
+
+
+def _per_expert(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Apply a layout transform expert by expert into one preallocated tensor, so that building a layer's
+    stacked initializer holds the result plus one expert, not several stacked copies."""
+
+    def build(*sources) -> torch.Tensor:
+        if not all(isinstance(s, Stacked) for s in sources):
+            return fn(*(s.load() for s in sources))
+        out = None
+        for e, parts in enumerate(zip(*(s.parts for s in sources), strict=True)):
+            piece = fn(*(p.load()[None] for p in parts))[0]
+            if out is None:
+                out = torch.empty((len(sources[0].parts), *piece.shape), dtype=piece.dtype)
+            out[e] = piece
+        return out
+
+    return build
+
+
+# MOE_EXPERTS weights are laid out by the lowering itself: name -> (inputs used, transform).
+_OWNED_LAYOUTS: dict[str, tuple[tuple[int, ...], Callable[..., torch.Tensor]]] = {
+    "glu_interleaved": ((3, 4), _glu_interleaved),
+    "down": ((5,), lambda d: d),
+    "gate_up_t": ((3, 4), lambda g, u: torch.cat([g, u], dim=1).transpose(1, 2).contiguous()),
+    "down_t": ((5,), lambda d: d.transpose(1, 2).contiguous()),
+}
+_OWNED_INPUTS = {Op.MOE_EXPERTS: {3, 4, 5}}
+
+
 def _simple(op_type: str, **fixed) -> Callable:
     def lower(e: _Emitter, n: Node, ins: list[str]) -> list[str]:
         attrs = {**fixed}
@@ -278,20 +406,28 @@ LOWERINGS: dict[Op, Callable[[_Emitter, Node, list[str]], list[str]]] = {
     Op.EXPAND: _expand,
     Op.MOE_ROUTE: _moe_route,
     Op.MOE_COMBINE: _moe_combine,
+    Op.MOE_EXPERTS: _moe_experts,
 }
 
 # Weights consumed as the right-hand side of a MatMul are stored with their last two axes swapped ([in, out]).
 _TRANSPOSED_INPUTS = {Op.LINEAR: 1, Op.MOE_ROUTE: 1, Op.HEAD_LINEAR: 1}
 
 
-def lower_to_onnx(graph: Graph, *, producer_version: str = "0") -> tuple[onnx.ModelProto, list[Initializer]]:
-    """The ONNX model (without initializers) and its weight initializers, in a deterministic order."""
-    e = _Emitter(graph)
+def lower_to_onnx(
+    graph: Graph, *, producer_version: str = "0", moe_lowering: str = "contrib"
+) -> tuple[onnx.ModelProto, list[Initializer]]:
+    """The ONNX model (without initializers) and its weight initializers, in a deterministic order.
+
+    ``moe_lowering`` picks how fused experts run: "contrib" (onnxruntime's com.microsoft MoE kernel, the
+    fastest on CPU) or "gather" (standard ops only, for runtimes without that kernel, such as TensorRT)."""
+    if moe_lowering not in MOE_LOWERINGS:
+        raise ValueError(f"moe_lowering must be one of {sorted(MOE_LOWERINGS)}")
+    e = _Emitter(graph, moe_lowering=moe_lowering)
     e._names.update(v.name for v in graph.values())
     layouts: dict[str, set[str]] = {}
     for node in graph.nodes:
         for i, v in enumerate(node.inputs):
-            if v.name in graph.weights:
+            if v.name in graph.weights and i not in _OWNED_INPUTS.get(node.op, ()):
                 layouts.setdefault(v.name, set()).add("T" if _TRANSPOSED_INPUTS.get(node.op) == i else "N")
     weight_names: dict[tuple[str, str], str] = {}
     for name, w in graph.weights.items():
@@ -313,7 +449,9 @@ def lower_to_onnx(graph: Graph, *, producer_version: str = "0") -> tuple[onnx.Mo
     for node in graph.nodes:
         ins = []
         for i, v in enumerate(node.inputs):
-            if v.name in graph.weights:
+            if i in _OWNED_INPUTS.get(node.op, ()):
+                ins.append("")  # laid out by the op's lowering (Emitter.owned_weight)
+            elif v.name in graph.weights:
                 layout = "T" if _TRANSPOSED_INPUTS.get(node.op) == i else "N"
                 ins.append(weight_names[(v.name, layout)])
             else:
@@ -322,9 +460,12 @@ def lower_to_onnx(graph: Graph, *, producer_version: str = "0") -> tuple[onnx.Mo
     onnx_graph = helper.make_graph(
         e.nodes, graph.name, [_value_info(v) for v in graph.inputs], [_value_info(v) for v in graph.outputs]
     )
+    opsets = [helper.make_opsetid("", OPSET)]
+    if any(nd.domain == "com.microsoft" for nd in e.nodes):
+        opsets.append(helper.make_opsetid("com.microsoft", 1))
     model = helper.make_model(
         onnx_graph,
-        opset_imports=[helper.make_opsetid("", OPSET)],
+        opset_imports=opsets,
         producer_name="dsc",
         producer_version=producer_version,
     )

@@ -1,6 +1,6 @@
 """dsc.ir: the graph IR (types, graph, ops, verifier, printer, interpreter). Knows nothing of DeepSeek or ONNX."""
 
-from dsc.ir.graph import Constant, Graph, GraphBuilder, Node, Op, Transformed, Value, Weight, WeightSource
+from dsc.ir.graph import Constant, Graph, GraphBuilder, Node, Op, Stacked, Transformed, Value, Weight, WeightSource
 from dsc.ir.interpreter import Interpreter, interpret
 from dsc.ir.printer import format_graph, format_node
 from dsc.ir.types import DType, TensorType, dim_add
@@ -8,6 +8,7 @@ from dsc.ir.verify import VerifyError, verify
 
 __all__ = [
     "Constant",
+    "Stacked",
     "DType",
     "Graph",
     "GraphBuilder",

@@ -34,6 +34,7 @@ class Op(enum.Enum):
     EXPAND = "expand"  # axis, size: broadcast a size-1 axis
     MOE_ROUTE = "moe_route"  # (x, gate[E,H], bias[E]?) -> (weights[b,s,k], experts[b,s,k])
     MOE_COMBINE = "moe_combine"  # (weights, experts, y_0 ... y_{E-1}) -> sum_k weights * y_experts
+    MOE_EXPERTS = "moe_experts"  # (x, weights, experts, gate[E,I,H], up[E,I,H], down[E,H,I]) -> routed SwiGLU FFNs
 
 
 class WeightSource(Protocol):
@@ -57,6 +58,26 @@ class Transformed:
 
     def describe(self) -> str:
         return f"{self.name}({', '.join(s.describe() for s in self.inputs)})"
+
+
+@dataclass(frozen=True, slots=True)
+class Stacked:
+    """Weights of equal shape stacked on a new leading axis, filled part by part (peak = the result)."""
+
+    name: str
+    parts: tuple[WeightSource, ...]
+
+    def load(self) -> torch.Tensor:
+        first = self.parts[0].load()
+        out = torch.empty((len(self.parts), *first.shape), dtype=first.dtype)
+        out[0] = first
+        del first
+        for i, part in enumerate(self.parts[1:], start=1):
+            out[i] = part.load()
+        return out
+
+    def describe(self) -> str:
+        return f"{self.name}({self.parts[0].describe()}, ... {len(self.parts)} parts)"
 
 
 @dataclass(frozen=True, slots=True)

@@ -167,6 +167,16 @@ def _infer_moe_combine(t: list[TensorType], a: Attrs) -> list[TensorType]:
     return [ys[0]]
 
 
+def _infer_moe_experts(t: list[TensorType], a: Attrs) -> list[TensorType]:
+    x, w, idx, gate, up, down = t
+    e, inter, hidden = gate.shape
+    _need(w.shape == idx.shape and w.shape[:-1] == x.shape[:-1], f"moe_experts: routing {w} does not match {x}")
+    _need(gate.shape == up.shape == (e, inter, x.shape[-1]), f"moe_experts: gate {gate} / up {up} vs input {x}")
+    _need(down.shape == (e, hidden, inter), f"moe_experts: down {down} does not match gate {gate}")
+    _need(e == a["num_experts"], f"moe_experts: {e} stacked experts, attribute says {a['num_experts']}")
+    return [x]
+
+
 # -- reference implementations ------------------------------------------------------------------------
 def _run_rope(x: torch.Tensor, pos: torch.Tensor, a: Attrs) -> torch.Tensor:
     inv_freq = torch.tensor(a["inv_freq"], dtype=torch.float32)
@@ -229,6 +239,19 @@ def _run_moe_combine(ins: list[torch.Tensor], a: Attrs) -> torch.Tensor:
     return (dense[..., None, :] @ ys.float()).squeeze(-2).to(ys.dtype)
 
 
+def _run_moe_experts(ins: list[torch.Tensor], a: Attrs) -> torch.Tensor:
+    """Each token through its chosen experts only: sum_k weight_k * down(silu(gate x) * up x)."""
+    x, w, idx, gate, up, down = ins
+    flat, w2, idx2 = x.reshape(-1, x.shape[-1]), w.reshape(-1, w.shape[-1]), idx.reshape(-1, idx.shape[-1])
+    out = torch.zeros_like(flat, dtype=torch.float32)
+    for e in idx2.unique().tolist():
+        tok, slot = (idx2 == e).nonzero(as_tuple=True)
+        h = flat[tok].float()
+        y = F.linear(F.silu(F.linear(h, gate[e].float())) * F.linear(h, up[e].float()), down[e].float())
+        out.index_add_(0, tok, y * w2[tok, slot, None].float())
+    return out.reshape(x.shape).to(x.dtype)
+
+
 def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.float()
     return (w.float() * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps))).to(x.dtype)
@@ -264,6 +287,7 @@ SCHEMAS: dict[Op, OpSchema] = {
         (2, 3), _infer_moe_route, lambda i, a: list(route(i[0], i[1], i[2] if len(i) > 2 else None, a))
     ),
     Op.MOE_COMBINE: OpSchema((3, None), _infer_moe_combine, lambda i, a: [_run_moe_combine(i, a)]),
+    Op.MOE_EXPERTS: OpSchema((6, 6), _infer_moe_experts, lambda i, a: [_run_moe_experts(i, a)]),
 }
 
 

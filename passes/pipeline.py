@@ -2,6 +2,7 @@
 
 Ordering constraints (checked by the manager through each pass's ``requires``):
 - mla-absorb matches the attention blocks exactly as the frontend traces them, so it runs first.
+- expert-fusion matches the per-expert FFN branches as traced (independent of mla-absorb).
 - cleanup runs last: rewrites leave dead nodes and foldable reshapes behind.
 """
 
@@ -17,9 +18,10 @@ from dsc.passes.base import Pass
 REGISTRY: dict[str, str] = {
     "cleanup": "dsc.passes.cleanup:CleanupPass",
     "mla-absorb": "dsc.passes.mla_absorb:MlaAbsorbPass",
+    "expert-fusion": "dsc.passes.expert_fusion:ExpertFusionPass",
 }
 
-DEFAULT_PIPELINE: tuple[str, ...] = ("mla-absorb", "cleanup")
+DEFAULT_PIPELINE: tuple[str, ...] = ("mla-absorb", "expert-fusion", "cleanup")
 
 
 def load_pass(name: str) -> Pass:

@@ -121,7 +121,7 @@ def test_manifest_describes_the_engine(tiny, tmp_path):
     assert [i["name"] for i in m["io"]["inputs"][:2]] == ["input_ids", "position_ids"]
     assert m["io"]["outputs"][0]["name"] == "logits"
     assert m["kv_cache"]["form"] == "latent"
-    assert [p["name"] for p in m["passes"]] == ["mla-absorb", "cleanup"]
+    assert [p["name"] for p in m["passes"]] == ["mla-absorb", "expert-fusion", "cleanup"]
     assert m["model"]["config"]["hidden_size"] == 64
 
 

@@ -13,7 +13,7 @@ def test_default_pipeline_and_disable():
     assert [p.name for p in build_pipeline()] == list(DEFAULT_PIPELINE)
     assert "mla-absorb" not in [p.name for p in build_pipeline(disable=["mla-absorb"])]
     assert [p.name for p in build_pipeline(["cleanup"])] == ["cleanup"]
-    with pytest.raises(CompileError, match="unknown pass 'nope'; known passes: cleanup, mla-absorb"):
+    with pytest.raises(CompileError, match="unknown pass 'nope'; known passes: cleanup, expert-fusion, mla-absorb"):
         build_pipeline(["nope"])
     with pytest.raises(CompileError, match="--disable-pass: unknown pass"):
         build_pipeline(disable=["nope"])
@@ -23,11 +23,24 @@ def test_records_stats_and_prints_ir_after_each_pass(tmp_path):
     printed: list[str] = []
     pm = PassManager(build_pipeline(), print_ir_after_all=True, dump_ir_dir=tmp_path, emit=printed.append)
     pm.run(hand_built_mla())
-    assert [(r.name, r.modified) for r in pm.records] == [("mla-absorb", True), ("cleanup", False)]
+    assert [(r.name, r.modified) for r in pm.records] == [
+        ("mla-absorb", True),
+        ("expert-fusion", False),
+        ("cleanup", False),
+    ]
     assert pm.records[0].stats["absorbed"] == 1
     headers = [p for p in printed if p.startswith("// -----")]
-    assert headers == ["// ----- IR after mla-absorb (changed) -----", "// ----- IR after cleanup (unchanged) -----"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["000_input.txt", "001_mla-absorb.txt", "002_cleanup.txt"]
+    assert headers == [
+        "// ----- IR after mla-absorb (changed) -----",
+        "// ----- IR after expert-fusion (unchanged) -----",
+        "// ----- IR after cleanup (unchanged) -----",
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "000_input.txt",
+        "001_mla-absorb.txt",
+        "002_expert-fusion.txt",
+        "003_cleanup.txt",
+    ]
     assert "past_key_values.0.latent" in (tmp_path / "001_mla-absorb.txt").read_text()
 
 
