@@ -1,5 +1,7 @@
 """Hand-built IR graphs shared by the pass tests."""
 
+import zlib
+
 import torch
 from dsc.ir import Constant, DType, Graph, GraphBuilder, Op
 
@@ -47,3 +49,58 @@ def hand_built_mla(q_lora: bool = True, scale: float = 0.3) -> Graph:
     y = b.op(Op.LINEAR, [o, _w(b, "o_proj", H, N * V, seed=7)], out_names=["y"]).output
     b.graph.outputs = [y, k_all, v_all]
     return b.graph
+
+
+def hand_built_moe(
+    experts: int = 4, top_k: int = 2, hidden: int = 16, inter: int = 8, odd_expert: bool = False
+) -> Graph:
+    """One MoE layer as the frontend traces it: route, one FFN branch per expert, combine, plus a shared FFN."""
+    b = GraphBuilder(Graph("moe"))
+    x = b.input("x", DType.F32, ("batch", "seq", hidden))
+    gate = _w(b, "gate", experts, hidden, seed=10)
+    bias = b.weight("bias", DType.F32, (experts,), Constant(torch.linspace(-0.1, 0.1, experts), "bias"))
+    attrs = dict(
+        num_experts=experts,
+        top_k=top_k,
+        n_group=1,
+        topk_group=1,
+        scoring="sigmoid",
+        method="noaux_tc",
+        norm_topk_prob=True,
+        scaling=2.5,
+    )
+    w, idx = b.op(Op.MOE_ROUTE, [x, gate, bias], attrs).outputs
+    ys = []
+    for e in range(experts):
+        i = inter + (1 if odd_expert and e == experts - 1 else 0)
+        g = b.op(Op.LINEAR, [x, _w(b, f"e{e}.gate", i, hidden, seed=100 + e)]).output
+        u = b.op(Op.LINEAR, [x, _w(b, f"e{e}.up", i, hidden, seed=200 + e)]).output
+        h = b.op(Op.MUL, [b.op(Op.SILU, [g]).output, u]).output
+        ys.append(b.op(Op.LINEAR, [h, _w(b, f"e{e}.down", hidden, i, seed=300 + e)]).output)
+    y = b.op(Op.MOE_COMBINE, [w, idx, *ys], {"num_experts": experts}).output
+    sg = b.op(Op.LINEAR, [x, _w(b, "shared.gate", inter, hidden, seed=400)]).output
+    su = b.op(Op.LINEAR, [x, _w(b, "shared.up", inter, hidden, seed=401)]).output
+    sh = b.op(Op.MUL, [b.op(Op.SILU, [sg]).output, su]).output
+    shared = b.op(Op.LINEAR, [sh, _w(b, "shared.down", hidden, inter, seed=402)]).output
+    b.output(b.op(Op.ADD, [y, shared], out_names=["y"]).output)
+    return b.graph
+
+
+def traced_tiny(q_lora: bool, yarn: bool) -> Graph:
+    """The frontend's trace of a small random-weight model (2 layers, 1 dense + 1 MoE)."""
+    from dsc.frontends.config import config_from_dict
+    from dsc.frontends.presets import PRESETS
+    from dsc.frontends.trace import trace_model
+    from dsc.ir import Constant
+
+    raw = dict(PRESETS["tiny"], num_hidden_layers=2, q_lora_rank=32 if q_lora else None)
+    if not yarn:
+        raw.pop("rope_scaling")
+    cfg = config_from_dict(raw)
+
+    def provider(key, shape):
+        gen = torch.Generator().manual_seed(zlib.crc32(key.encode()))
+        t = torch.randn(shape, generator=gen) * (0.1 if len(shape) == 2 else 0.05) + (1.0 if "norm" in key else 0.0)
+        return DType.F32, Constant(t, key)
+
+    return trace_model(cfg, provider)

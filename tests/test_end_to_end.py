@@ -62,12 +62,19 @@ def check_against_reference(case: Case, logits: list[np.ndarray]) -> None:
         assert rel_error(got, ref) <= RTOL, f"{case.name}: decode step {i}"
 
 
-@pytest.mark.parametrize("form", ["absorbed", "naive"])
+FORMS = {
+    "default": CompileOptions(),  # absorbed latent cache, fused experts on onnxruntime's MoE kernel
+    "naive": CompileOptions(disable_passes=("mla-absorb", "expert-fusion")),
+    "gather": CompileOptions(moe_lowering="gather"),  # fused experts lowered to standard ops
+}
+
+
+@pytest.mark.parametrize("form", sorted(FORMS))
 def test_onnx_engine_matches_transformers(case: Case, form: str, tmp_path: Path):
-    options = CompileOptions(disable_passes=("mla-absorb",) if form == "naive" else ())
+    options = FORMS[form]
     summary = compile_model(case.ckpt, tmp_path / "model.onnx", options, log=lambda _: None)
     engine = OnnxEngine(summary.output, threads=1)
-    assert engine.manifest["kv_cache"]["form"] == ("latent" if form == "absorbed" else "naive")
+    assert engine.manifest["kv_cache"]["form"] == ("naive" if form == "naive" else "latent")
     check_against_reference(
         case, teacher_forced(engine.step, [c.empty(len(PROMPT)) for c in engine.cache], case.generated)
     )

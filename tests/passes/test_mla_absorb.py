@@ -7,7 +7,7 @@ import torch
 from dsc.ir import DType, Graph, GraphBuilder, Op, interpret, verify
 from dsc.passes.cleanup import CleanupPass
 from dsc.passes.mla_absorb import MlaAbsorbPass
-from graphs import KV_LORA, ROPE, H, hand_built_mla
+from graphs import KV_LORA, ROPE, H, hand_built_mla, traced_tiny
 
 RTOL = 1e-5
 
@@ -69,26 +69,6 @@ def test_refuses_attention_without_a_cache_and_says_why():
     (reason,) = result.stats["refused"].values()
     assert "expected concat" in reason
     assert result.graph.nodes == b.graph.nodes
-
-
-def traced_tiny(q_lora: bool, yarn: bool) -> Graph:
-    """The frontend's trace of a small random-weight model (2 layers, 1 dense + 1 MoE)."""
-    from dsc.frontends.config import config_from_dict
-    from dsc.frontends.presets import PRESETS
-    from dsc.frontends.trace import trace_model
-    from dsc.ir import Constant
-
-    raw = dict(PRESETS["tiny"], num_hidden_layers=2, q_lora_rank=32 if q_lora else None)
-    if not yarn:
-        raw.pop("rope_scaling")
-    cfg = config_from_dict(raw)
-
-    def provider(key, shape):
-        gen = torch.Generator().manual_seed(hash(key) % 2**31)
-        t = torch.randn(shape, generator=gen) * (0.1 if len(shape) == 2 else 0.05) + (1.0 if "norm" in key else 0.0)
-        return DType.F32, Constant(t, key)
-
-    return trace_model(cfg, provider)
 
 
 @pytest.mark.parametrize("q_lora,yarn", list(itertools.product([True, False], repeat=2)))
