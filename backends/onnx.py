@@ -18,6 +18,7 @@ import onnx
 import torch
 from dsc.backends.onnx_io import Initializer
 from dsc.ir.graph import Graph, Node, Op, Stacked, Value
+from dsc.ir.ops import FP8_BLOCK
 from dsc.ir.types import DType
 from onnx import TensorProto, helper
 
@@ -51,11 +52,13 @@ class _Emitter:
 
     def owned_weight(self, node: Node, layout: str) -> str:
         """An initializer built by a lowering from some of ``node``'s weight inputs (one per layout)."""
-        inputs, fn = _OWNED_LAYOUTS[layout]
+        inputs, fn = _OWNED_LAYOUTS[layout](node)
         weights = [self.graph.weights[node.inputs[i].name] for i in inputs]
         key = (layout, tuple(w.name for w in weights))
         if key not in self._owned:
-            sample = fn(*(torch.empty(w.value.type.shape, device="meta") for w in weights))
+            sample = fn(
+                *(torch.empty(w.value.type.shape, dtype=w.value.type.dtype.torch, device="meta") for w in weights)
+            )
             name = self.fresh(f"{weights[0].name}.{layout}")
             build = _per_expert(fn)
             self.initializers.append(
@@ -97,8 +100,18 @@ class _Emitter:
 
 
 # -- per-op lowerings: (emitter, node, input names) -> output names ----------------------------------
+def _dequantize(e: _Emitter, n: Node, weight: str, scale: str, axis: int) -> str:
+    """FP8 weights in the file, float32 at run time: DequantizeLinear with blocks of 128 along one axis (opset
+    21; onnxruntime's CPU kernel and TensorRT block along one axis only, so DeepSeek's 128x128 block scales are
+    repeated along the other axis: 4 bytes per 128 weights, DESIGN.md §5)."""
+    return e.emit("DequantizeLinear", [weight, scale], name=n.name, axis=axis, block_size=FP8_BLOCK)
+
+
 def _linear(e: _Emitter, n: Node, ins: list[str]) -> list[str]:
-    return [e.emit("MatMul", ins, name=n.name, outputs=[n.output.name])]
+    weight = ins[1]
+    if len(n.inputs) == 3:  # FP8: weight stored [in, out], scales [in / 128, out]
+        weight = _dequantize(e, n, weight, e.owned_weight(n, "linear_scale_t"), axis=0)
+    return [e.emit("MatMul", [ins[0], weight], name=n.name, outputs=[n.output.name])]
 
 
 def _head_linear(e: _Emitter, n: Node, ins: list[str]) -> list[str]:
@@ -278,6 +291,9 @@ def _moe_contrib(e: _Emitter, n: Node, ins: list[str]) -> list[str]:
     dense = e.emit("ScatterElements", [zeros, idx2, w2], name=n.name, axis=-1)
     logits = e.emit("Log", [dense], name=n.name)
     fc1, fc2 = e.owned_weight(n, "glu_interleaved"), e.owned_weight(n, "down")
+    if len(n.inputs) > 6:  # FP8 experts: per-row block scales along the input axis
+        fc1 = _dequantize(e, n, fc1, e.owned_weight(n, "glu_interleaved_scale"), axis=2)
+        fc2 = _dequantize(e, n, fc2, e.owned_weight(n, "down_scale"), axis=2)
     y = e.emit(
         "MoE",
         [x2, logits, fc1, "", fc2],
@@ -303,8 +319,12 @@ def _moe_gather(e: _Emitter, n: Node, ins: list[str]) -> list[str]:
     decode (one token) and grows with the prompt for prefill."""
     inter = n.inputs[3].type.shape[1]
     x2, w2, idx2, shape = _flat_routing(e, n, ins)
-    gate_up = e.emit("Gather", [e.owned_weight(n, "gate_up_t"), idx2], name=n.name, axis=0)  # [T, k, H, 2I]
-    down = e.emit("Gather", [e.owned_weight(n, "down_t"), idx2], name=n.name, axis=0)  # [T, k, I, H]
+    gate_up_w, down_w = e.owned_weight(n, "gate_up_t"), e.owned_weight(n, "down_t")
+    if len(n.inputs) > 6:  # FP8 experts: blocks along the input axis (now axis 1)
+        gate_up_w = _dequantize(e, n, gate_up_w, e.owned_weight(n, "gate_up_t_scale"), axis=1)
+        down_w = _dequantize(e, n, down_w, e.owned_weight(n, "down_t_scale"), axis=1)
+    gate_up = e.emit("Gather", [gate_up_w, idx2], name=n.name, axis=0)  # [T, k, H, 2I]
+    down = e.emit("Gather", [down_w, idx2], name=n.name, axis=0)  # [T, k, I, H]
     xs = e.emit("Unsqueeze", [x2, e.i64([1, 2])], name=n.name)  # [T, 1, 1, H]
     g, u = e.emit(
         "Split", [e.emit("MatMul", [xs, gate_up], name=n.name), e.i64([inter, inter])], 2, name=n.name, axis=-1
@@ -341,14 +361,36 @@ def _per_expert(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     return build
 
 
-# MOE_EXPERTS weights are laid out by the lowering itself: name -> (inputs used, transform).
-_OWNED_LAYOUTS: dict[str, tuple[tuple[int, ...], Callable[..., torch.Tensor]]] = {
-    "glu_interleaved": ((3, 4), _glu_interleaved),
-    "down": ((5,), lambda d: d),
-    "gate_up_t": ((3, 4), lambda g, u: torch.cat([g, u], dim=1).transpose(1, 2).contiguous()),
-    "down_t": ((5,), lambda d: d.transpose(1, 2).contiguous()),
+def _rows(scale: torch.Tensor, rows: int) -> torch.Tensor:
+    """Block scales [..., rows / 128, c] repeated to one per row: [..., rows, c]."""
+    return scale.repeat_interleave(FP8_BLOCK, dim=-2)[..., :rows, :]
+
+
+def _layout(inputs: tuple[int, ...], fn: Callable[..., torch.Tensor]):
+    return lambda node: (inputs, fn)
+
+
+# Weights some lowerings lay out themselves: layout name -> node -> (node inputs used, transform).
+_OWNED_LAYOUTS: dict[str, Callable[[Node], tuple[tuple[int, ...], Callable[..., torch.Tensor]]]] = {
+    "linear_scale_t": lambda n: ((2,), lambda s, out=n.inputs[1].type.shape[0]: _rows(s, out).t().contiguous()),
+    "glu_interleaved": _layout((3, 4), _glu_interleaved),
+    "glu_interleaved_scale": lambda n: (
+        (6, 7),
+        lambda g, u, i=n.inputs[3].type.shape[1]: _glu_interleaved(_rows(g, i), _rows(u, i)),
+    ),
+    "down": _layout((5,), lambda d: d),
+    "down_scale": lambda n: ((8,), lambda d, h=n.inputs[5].type.shape[1]: _rows(d, h).contiguous()),
+    "gate_up_t": _layout((3, 4), lambda g, u: torch.cat([g, u], dim=1).transpose(1, 2).contiguous()),
+    "gate_up_t_scale": lambda n: (
+        (6, 7),
+        lambda g, u, i=n.inputs[3].type.shape[1]: (
+            torch.cat([_rows(g, i), _rows(u, i)], dim=1).transpose(1, 2).contiguous()
+        ),
+    ),
+    "down_t": _layout((5,), lambda d: d.transpose(1, 2).contiguous()),
+    "down_t_scale": lambda n: ((8,), lambda d, h=n.inputs[5].type.shape[1]: _rows(d, h).transpose(1, 2).contiguous()),
 }
-_OWNED_INPUTS = {Op.MOE_EXPERTS: {3, 4, 5}}
+_OWNED_INPUTS = {Op.MOE_EXPERTS: {3, 4, 5, 6, 7, 8}, Op.LINEAR: {2}}
 
 
 def _simple(op_type: str, **fixed) -> Callable:

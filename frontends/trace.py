@@ -15,15 +15,17 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.fx as fx
 from dsc.frontends.model import DeepseekModel, Leaf
-from dsc.ir.graph import Graph, GraphBuilder, Op, Value, WeightSource
+from dsc.ir.graph import Graph, GraphBuilder, Op, Value
+from dsc.ir.ops import block_scale_shape
 from dsc.ir.types import DType
 from torch import nn
 
 if TYPE_CHECKING:
     from dsc.frontends.config import ModelConfig
 
-# (checkpoint key, expected shape) -> (IR dtype, lazy source). Raises a DscError for a bad checkpoint.
-WeightProvider = Callable[[str, tuple[int, ...]], tuple[DType, WeightSource]]
+# (checkpoint key, expected shape) -> (IR dtype, lazy source[, block-scale source for FP8 weights]).
+# Raises a DscError for a bad checkpoint.
+WeightProvider = Callable[[str, tuple[int, ...]], tuple]
 
 
 class _LeafTracer(fx.Tracer):
@@ -52,11 +54,14 @@ class _Translator:
     def leaf(self, gm: fx.GraphModule, target: str, args: list[Value]) -> Any:
         mod = gm.get_submodule(target)
         assert isinstance(mod, Leaf)
-        ws = []
+        ws, scales = [], []
         for key, shape in mod.weight_specs:
-            dtype, source = self.weights(key, shape)
+            dtype, source, *scale = self.weights(key, shape)
             ws.append(self.b.weight(key, dtype, shape, source))
-        return self.op(mod.op, list(args) + ws, mod.attrs, hint=target.replace(".", "_"))
+            if scale:  # native FP8: the weight keeps its checkpoint bytes, with DeepSeek's block scales beside it
+                assert mod.op == Op.LINEAR, f"{key}: FP8 weights are only expected on linear layers"
+                scales.append(self.b.weight(f"{key}_scale_inv", DType.F32, block_scale_shape(shape), scale[0]))
+        return self.op(mod.op, list(args) + ws + scales, mod.attrs, hint=target.replace(".", "_"))
 
     def method(self, name: str, args: list, kwargs: dict) -> Any:
         x = args[0]

@@ -16,6 +16,7 @@ from dsc.ir.graph import Op
 from dsc.ir.types import Dim, DType, TensorType, dim_add
 
 Attrs = dict[str, Any]
+FP8_BLOCK = 128
 
 
 class TypeError_(Exception):
@@ -63,10 +64,34 @@ def _infer_embedding(t: list[TensorType], a: Attrs) -> list[TensorType]:
     return [TensorType(table.dtype, ids.shape + (table.shape[1],))]
 
 
+def block_scale_shape(shape: tuple, block: int = FP8_BLOCK) -> tuple:
+    """DeepSeek's FP8 scale layout (DESIGN.md §5): one float per block x block tile of the last two axes."""
+    return (*shape[:-2], -(-shape[-2] // block), -(-shape[-1] // block))
+
+
+def _check_scales(weights: list[TensorType], scales: list[TensorType], op: str) -> None:
+    _need(not scales or len(scales) == len(weights), f"{op}: {len(scales)} scales for {len(weights)} weights")
+    for w, s in zip(weights, scales if scales else [], strict=False):
+        _need(w.dtype == DType.F8E4M3, f"{op}: a scale is given for non-FP8 weight {w}")
+        _need(s.dtype == DType.F32 and s.shape == block_scale_shape(w.shape), f"{op}: scale {s} for weight {w}")
+    if not scales:
+        _need(all(w.dtype != DType.F8E4M3 for w in weights), f"{op}: FP8 weights need their block scales")
+
+
+def dequantize(w: torch.Tensor, scale: torch.Tensor | None, block: int = FP8_BLOCK) -> torch.Tensor:
+    """float32 weights from FP8 values and per-block scales (partial edge blocks share their scale)."""
+    if scale is None:
+        return w.float()
+    rows, cols = w.shape[-2:]
+    full = scale.repeat_interleave(block, -2)[..., :rows, :].repeat_interleave(block, -1)[..., :cols]
+    return w.float() * full
+
+
 def _infer_linear(t: list[TensorType], a: Attrs) -> list[TensorType]:
-    x, w = t
+    x, w = t[:2]
     _need(w.rank == 2, f"linear weight must be 2-D, got {w}")
     _need(x.shape[-1] == w.shape[1], f"linear: input {x} does not match weight {w}")
+    _check_scales([w], t[2:], "linear")
     return [TensorType(x.dtype, x.shape[:-1] + (w.shape[0],))]
 
 
@@ -168,7 +193,8 @@ def _infer_moe_combine(t: list[TensorType], a: Attrs) -> list[TensorType]:
 
 
 def _infer_moe_experts(t: list[TensorType], a: Attrs) -> list[TensorType]:
-    x, w, idx, gate, up, down = t
+    x, w, idx, gate, up, down = t[:6]
+    _check_scales([gate, up, down], t[6:], "moe_experts")
     e, inter, hidden = gate.shape
     _need(w.shape == idx.shape and w.shape[:-1] == x.shape[:-1], f"moe_experts: routing {w} does not match {x}")
     _need(gate.shape == up.shape == (e, inter, x.shape[-1]), f"moe_experts: gate {gate} / up {up} vs input {x}")
@@ -241,7 +267,9 @@ def _run_moe_combine(ins: list[torch.Tensor], a: Attrs) -> torch.Tensor:
 
 def _run_moe_experts(ins: list[torch.Tensor], a: Attrs) -> torch.Tensor:
     """Each token through its chosen experts only: sum_k weight_k * down(silu(gate x) * up x)."""
-    x, w, idx, gate, up, down = ins
+    x, w, idx = ins[:3]
+    scales = ins[6:] or [None, None, None]
+    gate, up, down = (dequantize(m, s) for m, s in zip(ins[3:6], scales, strict=True))
     flat, w2, idx2 = x.reshape(-1, x.shape[-1]), w.reshape(-1, w.shape[-1]), idx.reshape(-1, idx.shape[-1])
     out = torch.zeros_like(flat, dtype=torch.float32)
     for e in idx2.unique().tolist():
@@ -269,7 +297,9 @@ def _expand(x: torch.Tensor, a: Attrs) -> torch.Tensor:
 
 SCHEMAS: dict[Op, OpSchema] = {
     Op.EMBEDDING: OpSchema((2, 2), _infer_embedding, lambda i, a: [F.embedding(i[0], i[1])]),
-    Op.LINEAR: OpSchema((2, 2), _infer_linear, lambda i, a: [F.linear(i[0], i[1].to(i[0].dtype))]),
+    Op.LINEAR: OpSchema(
+        (2, 3), _infer_linear, lambda i, a: [F.linear(i[0], dequantize(i[1], i[2] if len(i) > 2 else None).to(i[0].dtype))]
+    ),
     Op.HEAD_LINEAR: OpSchema(
         (2, 2), _infer_head_linear, lambda i, a: [torch.einsum("...hi,hoi->...ho", i[0], i[1].to(i[0].dtype))]
     ),
@@ -287,7 +317,7 @@ SCHEMAS: dict[Op, OpSchema] = {
         (2, 3), _infer_moe_route, lambda i, a: list(route(i[0], i[1], i[2] if len(i) > 2 else None, a))
     ),
     Op.MOE_COMBINE: OpSchema((3, None), _infer_moe_combine, lambda i, a: [_run_moe_combine(i, a)]),
-    Op.MOE_EXPERTS: OpSchema((6, 6), _infer_moe_experts, lambda i, a: [_run_moe_experts(i, a)]),
+    Op.MOE_EXPERTS: OpSchema((6, 9), _infer_moe_experts, lambda i, a: [_run_moe_experts(i, a)]),
 }
 
 

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from dsc.ir.graph import Graph, Node, Op, Stacked, Value
-from dsc.ir.types import DType
 from dsc.passes.base import PassResult
 
 
@@ -44,9 +43,12 @@ def _match_ffn(g: Graph, y: Value, producers: dict[str, Node], users: dict[str, 
         if any(len(users.get(v.name, [])) != 1 for v in node.outputs):
             raise _Refuse(f"expert {y.name}: an intermediate value is used outside the branch")
     weights = (gate.inputs[1], up.inputs[1], down.inputs[1])
-    if any(w.name not in g.weights or w.type.dtype != DType.F32 for w in weights):
-        raise _Refuse(f"expert {y.name}: weights are not plain float32 graph weights")
-    return (gate.inputs[0], *weights)
+    scales = tuple(lin.inputs[2] for lin in (gate, up, down) if len(lin.inputs) > 2)
+    if any(w.name not in g.weights for w in weights + scales):
+        raise _Refuse(f"expert {y.name}: weights are not graph weights")
+    if len({w.type.dtype for w in weights}) != 1 or len(scales) not in (0, 3):
+        raise _Refuse(f"expert {y.name}: gate, up and down mix FP8 and float weights")
+    return (gate.inputs[0], *weights, *scales)
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,7 @@ class ExpertFusionPass:
                 refused[node.name] = str(why)
                 continue
             xs = {b[0] for b in branches}
-            shapes = {tuple(w.type.shape for w in b[1:]) for b in branches}
+            shapes = {tuple((w.type.dtype, w.type.shape) for w in b[1:]) for b in branches}
             if len(xs) != 1:
                 refused[node.name] = "experts read different inputs"
                 continue
@@ -75,9 +77,10 @@ class ExpertFusionPass:
                 refused[node.name] = f"experts differ in shape: {sorted(shapes)}"
                 continue
             stacked = []
-            for part, role in zip(zip(*(b[1:] for b in branches), strict=True), ("gate", "up", "down"), strict=True):
+            roles = ("gate", "up", "down", "gate_scale", "up_scale", "down_scale")
+            for part, role in zip(zip(*(b[1:] for b in branches), strict=True), roles, strict=False):
                 src = Stacked(f"stack_{role}", tuple(g.weights[w.name].source for w in part))
-                name = part[0].name.replace(".experts.0.", ".experts.").removesuffix(".weight") + ".stacked"
+                name = part[0].name.replace(".experts.0.", ".experts.").replace(".weight", "") + ".stacked"
                 value = Value(name, part[0].type.with_shape((len(part), *part[0].type.shape)))
                 g.weights[name] = type(g.weights[part[0].name])(value, src)
                 stacked.append(value)

@@ -17,6 +17,7 @@ from typing import ClassVar
 
 import torch
 from dsc.ir.graph import Graph, GraphBuilder, Node, Op, Transformed, Value
+from dsc.ir.ops import dequantize
 from dsc.ir.types import DType
 from dsc.passes.base import PassResult
 
@@ -33,6 +34,7 @@ class _Mla:
     c_n: Value  # normalized latent [b, s, kv_lora]
     k_pe: Value  # rotated shared rope key [b, s, 1, rope]
     kv_b: Value  # kv_b_proj weight [N*(nope+v), kv_lora]
+    kv_b_scale: Value | None  # its FP8 block scales, when the checkpoint stores it in FP8
     past_k: Value
     past_v: Value
     present_k: Value
@@ -68,7 +70,8 @@ def _match(g: Graph, attn: Node, producers: dict[str, Node], users: dict[str, li
     if cat_v.inputs[1] != kv_split.outputs[1] or k_nope != kv_split.outputs[0]:
         raise _Refuse("k_nope and v do not come from one split of kv_b_proj's output")
     kv_lin = _only(producers.get(_only(producers.get(kv_split.inputs[0].name), Op.RESHAPE).inputs[0].name), Op.LINEAR)
-    c_n, kv_b = kv_lin.inputs
+    c_n, kv_b = kv_lin.inputs[:2]
+    kv_b_scale = kv_lin.inputs[2] if len(kv_lin.inputs) > 2 else None
     if kv_b.name not in g.weights:
         raise _Refuse("kv_b_proj is not a weight")
     q_cat = _only(producers.get(q.name), Op.CONCAT)
@@ -79,12 +82,14 @@ def _match(g: Graph, attn: Node, producers: dict[str, Node], users: dict[str, li
         raise _Refuse("q_pe is not the rotated second half of the query split")
     q_reshape = _only(producers.get(q_split.inputs[0].name), Op.RESHAPE)
     q_lin = producers.get(q_reshape.inputs[0].name)
-    single_use = q_lin is not None and q_lin.op == Op.LINEAR and len(users[q_lin.output.name]) == 1
+    # Folding rewrites the query / output projections in float32; FP8 ones (3 inputs) keep their own form.
+    single_use = q_lin is not None and q_lin.op == Op.LINEAR and len(q_lin.inputs) == 2
+    single_use = single_use and len(users[q_lin.output.name]) == 1
     o_users = users.get(attn.output.name, [])
     o_lin = None
     if len(o_users) == 1 and o_users[0].op == Op.RESHAPE and len(users[o_users[0].output.name]) == 1:
         cand = users[o_users[0].output.name][0]
-        o_lin = cand if cand.op == Op.LINEAR and cand.inputs[1].name in g.weights else None
+        o_lin = cand if cand.op == Op.LINEAR and len(cand.inputs) == 2 and cand.inputs[1].name in g.weights else None
     heads, nope = k_nope.type.shape[2], k_nope.type.shape[3]
     return _Mla(
         attn,
@@ -95,6 +100,7 @@ def _match(g: Graph, attn: Node, producers: dict[str, Node], users: dict[str, li
         c_n,
         expand.inputs[0],
         kv_b,
+        kv_b_scale,
         cat_k.inputs[0],
         cat_v.inputs[0],
         k_all,
@@ -172,6 +178,8 @@ class MlaAbsorbPass:
         kv_lora, rope = m.c_n.type.shape[-1], m.k_pe.type.shape[-1]
         prefix = m.attn.name.rsplit("/", 1)[0] + "/mla_absorb"
         src = g.weights[m.kv_b.name].source
+        if m.kv_b_scale is not None:  # slice W_UK / W_UV from the dequantized FP8 kv_b_proj
+            src = Transformed("dequantize_fp8", (src, g.weights[m.kv_b_scale.name].source), dequantize)
 
         def op(kind: Op, inputs, attrs=None, **kw) -> Node:
             return b.op(kind, inputs, attrs, name=f"{prefix}/{kind.value}", meta=meta, **kw)
