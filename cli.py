@@ -89,6 +89,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="fused experts in ONNX: onnxruntime's com.microsoft MoE kernel (default, fastest on CPU) "
         "or standard ops only (gather the chosen experts' weights)",
     )
+    c.add_argument(
+        "--quantize",
+        choices=["auto", "fp8", "none"],
+        default="auto",
+        help="auto (default): keep weights as stored, native FP8 stays FP8; fp8: quantize linear "
+        "weights to FP8 with 128x128 block scales; none: dequantize everything to float32",
+    )
+    c.add_argument("--report", action="store_true", help="print per-layer FP8 quantization error")
+    c.add_argument(
+        "--calibration-prompts",
+        type=Path,
+        metavar="FILE",
+        help="with --report: token-id prompts (one comma-separated line each) to measure logit error "
+        "and top-1 agreement of the engine against the unquantized model",
+    )
     c.add_argument("-q", "--quiet", action="store_true", help="print only the closing summary")
 
     r = sub.add_parser(
@@ -153,6 +168,9 @@ def cmd_compile(a: argparse.Namespace) -> int:
         dump_ir_dir=a.dump_ir_dir,
         external_data=True if a.external_data else None,
         moe_lowering=a.moe_lowering,
+        quantize=a.quantize,
+        report=a.report or a.calibration_prompts is not None,
+        calibration_prompts=a.calibration_prompts,
     )
     summary = compile_model(a.model, a.output, opts, log=_log(a.quiet))
     print("\n".join(summary.lines()))

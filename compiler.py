@@ -31,6 +31,9 @@ class CompileOptions:
     dump_ir_dir: Path | None = None
     external_data: bool | None = None  # None = only when the weights pass 2 GB
     moe_lowering: str = "contrib"  # fused experts in ONNX: onnxruntime's MoE kernel, or "gather" (standard ops)
+    quantize: str = "auto"  # auto: as stored (native FP8 stays FP8); fp8: quantize linear weights; none: all fp32
+    report: bool = False  # print per-layer quantization error
+    calibration_prompts: Path | None = None  # with report: logit error and top-1 agreement vs unquantized
 
 
 @dataclass
@@ -211,7 +214,15 @@ def compile_model(
 
     t = time.perf_counter()
     log(f"[1/4] reading {model}")
-    checkpoint, graph = load_graph(model)
+    if options.quantize not in ("auto", "fp8", "none"):
+        raise CompileError(f"--quantize must be auto, fp8 or none, not '{options.quantize}'")
+    prompts = None
+    if options.calibration_prompts is not None:  # read before any work: a bad file must not cost a compile
+        from dsc.quant_report import read_prompts
+
+        prompts = read_prompts(options.calibration_prompts)
+    checkpoint, graph = load_graph(model, keep_fp8=options.quantize != "none")
+    unquantized = graph
     log(
         f"      {checkpoint.config.model_type}: {checkpoint.config.num_hidden_layers} layers, "
         f"{graph.param_count():,} params, {len(graph.nodes)} IR nodes"
@@ -219,7 +230,7 @@ def compile_model(
     t = stage("trace", t)
     log("[2/4] running passes")
     pm = PassManager(
-        build_pipeline(options.passes, options.disable_passes),
+        build_pipeline(options.passes, options.disable_passes, quantize=options.quantize == "fp8"),
         print_ir_after_all=options.print_ir_after_all,
         print_ir_after_change=options.print_ir_after_change,
         dump_ir_dir=options.dump_ir_dir,
@@ -260,6 +271,9 @@ def compile_model(
             p.unlink(missing_ok=True)
         raise
     stage("write", t)
+    peak = peak_rss_bytes()  # before the report, which runs the model
+    if options.report:
+        _report(graph, unquantized, output, prompts, log)
     return CompileSummary(
         output=output,
         files=files,
@@ -270,10 +284,29 @@ def compile_model(
         engine_bytes=sum(p.stat().st_size for p in files),
         kv_bytes_per_token=kv_bytes_per_token(graph),
         checkpoint_bytes=sum(p.stat().st_size for p in checkpoint.files),
-        peak_rss_bytes=peak_rss_bytes(),
+        peak_rss_bytes=peak,
         baseline_rss_bytes=baseline,
         passes=manifest["passes"],
     )
+
+
+def _report(graph: Graph, unquantized: Graph, output: Path, prompts: list[list[int]] | None, log) -> None:
+    from dsc import quant_report
+    from dsc.runtime.engine import load_engine
+
+    errors = quant_report.weight_errors(graph)
+    if not errors:
+        log("report: no weight was quantized by this compile (use --quantize fp8)")
+    else:
+        log(f"report: FP8 block quantization of {len(errors)} weights (relative Frobenius error)")
+        for line in quant_report.per_layer(errors):
+            log("  " + line)
+    if prompts is not None:
+        rel, agree = quant_report.calibration(unquantized, load_engine(output), prompts)
+        log(
+            f"report: {len(prompts)} calibration prompts: max relative logit error {rel:.3g}, top-1 agreement "
+            f"{agree:.2%} (engine vs the unquantized reference)"
+        )
 
 
 def _numel(shape) -> int:

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from dsc.errors import DscError
 from dsc.frontends.config import ModelConfig, config_from_dict
+from dsc.ir.ops import block_scale_shape, quantize_fp8
 
 # DeepSeek-V3's own rope_scaling (config.json of deepseek-ai/DeepSeek-V3).
 _YARN = {
@@ -105,7 +106,6 @@ PRESETS: dict[str, dict] = {
 }
 
 FP8_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
-FP8_BLOCK = 128
 # The linear weights DeepSeek ships in FP8 (DESIGN.md §2); the router gate also ends in ``gate.weight`` but not
 # in ``gate_proj.weight``, so it never matches.
 _FP8_SUFFIXES = tuple(
@@ -235,28 +235,6 @@ def random_tensor(name: str, shape: tuple[int, ...], seed: int, lm_head_scale: f
     return t * lm_head_scale if name == "lm_head.weight" else t
 
 
-def quantize_fp8(w: torch.Tensor, block: int = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
-    """DeepSeek's FP8 weight format (DESIGN.md §5): e4m3 values and float32 scale_inv per block x block tile.
-
-    scale = amax(tile) / 448 (1 for an all-zero tile), q = w / scale; partial edge tiles have their own scale.
-    """
-    rows, cols = w.shape
-    br, bc = -(-rows // block), -(-cols // block)
-    padded = torch.zeros(br * block, bc * block, dtype=torch.float32)
-    padded[:rows, :cols] = w.float()
-    tiles = padded.view(br, block, bc, block)
-    scale = tiles.abs().amax(dim=(1, 3)) / torch.finfo(torch.float8_e4m3fn).max
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = (tiles / scale[:, None, :, None]).view(br * block, bc * block)[:rows, :cols]
-    return q.to(torch.float8_e4m3fn).contiguous(), scale.contiguous()
-
-
-def dequantize_fp8(q: torch.Tensor, scale_inv: torch.Tensor, block: int = FP8_BLOCK) -> torch.Tensor:
-    rows, cols = q.shape
-    full = scale_inv.repeat_interleave(block, 0).repeat_interleave(block, 1)[:rows, :cols]
-    return q.float() * full
-
-
 def make_model(
     preset_or_config: str | Mapping,
     out_dir: str | Path,
@@ -323,7 +301,7 @@ def _plan(cfg: ModelConfig, seed: int, dtype: torch.dtype, fp8: bool, lm_head_sc
         return {name: LazyTensor(dt, shape, lambda: random_tensor(name, shape, seed, lm_head_scale).to(dt))}
 
     def fp8_pair(name: str, shape: tuple[int, ...]) -> dict[str, LazyTensor]:
-        scale_shape = (-(-shape[0] // FP8_BLOCK), -(-shape[1] // FP8_BLOCK))
+        scale_shape = block_scale_shape(shape)
         return {
             name: LazyTensor(torch.float8_e4m3fn, shape, lambda: quantized(name, shape)[0]),
             name + "_scale_inv": LazyTensor(torch.float32, scale_shape, lambda: quantized(name, shape)[1]),

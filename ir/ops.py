@@ -78,6 +78,22 @@ def _check_scales(weights: list[TensorType], scales: list[TensorType], op: str) 
         _need(all(w.dtype != DType.F8E4M3 for w in weights), f"{op}: FP8 weights need their block scales")
 
 
+def quantize_fp8(w: torch.Tensor, block: int = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek's FP8 weight format (DESIGN.md §5): e4m3 values and float32 scale_inv per block x block tile.
+
+    scale = amax(tile) / 448 (1 for an all-zero tile), q = w / scale; partial edge tiles have their own scale.
+    """
+    rows, cols = w.shape
+    br, bc = -(-rows // block), -(-cols // block)
+    padded = torch.zeros(br * block, bc * block, dtype=torch.float32)
+    padded[:rows, :cols] = w.float()
+    tiles = padded.view(br, block, bc, block)
+    scale = tiles.abs().amax(dim=(1, 3)) / torch.finfo(torch.float8_e4m3fn).max
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = (tiles / scale[:, None, :, None]).view(br * block, bc * block)[:rows, :cols]
+    return q.to(torch.float8_e4m3fn).contiguous(), scale.contiguous()
+
+
 def dequantize(w: torch.Tensor, scale: torch.Tensor | None, block: int = FP8_BLOCK) -> torch.Tensor:
     """float32 weights from FP8 values and per-block scales (partial edge blocks share their scale)."""
     if scale is None:
@@ -298,7 +314,9 @@ def _expand(x: torch.Tensor, a: Attrs) -> torch.Tensor:
 SCHEMAS: dict[Op, OpSchema] = {
     Op.EMBEDDING: OpSchema((2, 2), _infer_embedding, lambda i, a: [F.embedding(i[0], i[1])]),
     Op.LINEAR: OpSchema(
-        (2, 3), _infer_linear, lambda i, a: [F.linear(i[0], dequantize(i[1], i[2] if len(i) > 2 else None).to(i[0].dtype))]
+        (2, 3),
+        _infer_linear,
+        lambda i, a: [F.linear(i[0], dequantize(i[1], i[2] if len(i) > 2 else None).to(i[0].dtype))],
     ),
     Op.HEAD_LINEAR: OpSchema(
         (2, 2), _infer_head_linear, lambda i, a: [torch.einsum("...hi,hoi->...ho", i[0], i[1].to(i[0].dtype))]

@@ -187,3 +187,45 @@ def test_prompt_text_through_the_checkpoints_tokenizer(tiny, tmp_path, capsys):
     assert code == code2 == 0 and by_text == json.loads(out2)["tokens"]
     code, out, _ = run_cli(capsys, "run", str(engine), "--prompt", "hello deep seek", "--max-new-tokens", "4")
     assert code == 0 and "text:" in out
+
+
+def test_quantize_flags_and_report(tmp_path, capsys):
+    fp8 = make_model("tiny", tmp_path / "fp8", seed=2, fp8=True)
+    code, _, _ = run_cli(capsys, "compile", str(fp8), "-o", str(tmp_path / "native.onnx"), "-q")
+    assert code == 0
+    code, _, _ = run_cli(capsys, "compile", str(fp8), "-o", str(tmp_path / "deq.onnx"), "-q", "--quantize", "none")
+    assert code == 0
+    native, deq = (tmp_path / "native.onnx").stat().st_size, (tmp_path / "deq.onnx").stat().st_size
+    assert native < 0.6 * deq  # FP8 stays FP8 by default; --quantize none stores float32
+    plain = make_model("tiny", tmp_path / "plain", seed=2)
+    (tmp_path / "prompts.txt").write_text("1,2,3,4,5\n6,7,8\n")
+    code, _, err = run_cli(
+        capsys,
+        "compile",
+        str(plain),
+        "-o",
+        str(tmp_path / "q.onnx"),
+        "--quantize",
+        "fp8",
+        "--report",
+        "--calibration-prompts",
+        str(tmp_path / "prompts.txt"),
+    )
+    assert code == 0
+    assert "FP8 block quantization of" in err and "layer 1" in err
+    assert "calibration prompts: max relative logit error" in err and "top-1 agreement" in err
+    (tmp_path / "bad.txt").write_text("one,two\n")
+    code, _, err = run_cli(
+        capsys,
+        "compile",
+        str(plain),
+        "-o",
+        str(tmp_path / "q2.onnx"),
+        "-q",
+        "--quantize",
+        "fp8",
+        "--calibration-prompts",
+        str(tmp_path / "bad.txt"),
+    )
+    assert code == 2 and "bad.txt" in err
+    assert not (tmp_path / "q2.onnx").exists()

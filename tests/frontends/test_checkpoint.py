@@ -9,7 +9,8 @@ import torch
 from dsc.errors import CheckpointError, ConfigError
 from dsc.frontends.checkpoint import Checkpoint
 from dsc.frontends.config import config_from_dict, load_config
-from dsc.frontends.presets import PRESETS, quantize_fp8
+from dsc.frontends.presets import PRESETS
+from dsc.ir.ops import quantize_fp8
 from safetensors.torch import save_file
 
 V3 = json.loads((Path(__file__).parent / "deepseek_v3_config.json").read_text())

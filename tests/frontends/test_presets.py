@@ -8,7 +8,8 @@ import pytest
 import torch
 from dsc.errors import DscError
 from dsc.frontends.config import config_from_dict
-from dsc.frontends.presets import PRESETS, dequantize_fp8, make_model, tensor_specs, write_safetensors
+from dsc.frontends.presets import PRESETS, make_model, tensor_specs, write_safetensors
+from dsc.ir.ops import dequantize as dequantize_fp8
 from safetensors import safe_open
 from safetensors.torch import load_file
 
