@@ -13,7 +13,7 @@ def test_default_pipeline_and_disable():
     assert [p.name for p in build_pipeline()] == list(DEFAULT_PIPELINE)
     assert "mla-absorb" not in [p.name for p in build_pipeline(disable=["mla-absorb"])]
     assert [p.name for p in build_pipeline(["cleanup"])] == ["cleanup"]
-    with pytest.raises(CompileError, match="unknown pass 'nope'; known passes: cleanup, expert-fusion, mla-absorb"):
+    with pytest.raises(CompileError, match="unknown pass 'nope'; known passes: cleanup, expert-fusion, fp8-quantize, mla-absorb"):
         build_pipeline(["nope"])
     with pytest.raises(CompileError, match="--disable-pass: unknown pass"):
         build_pipeline(disable=["nope"])
@@ -73,3 +73,7 @@ def test_requires_is_enforced():
 
     with pytest.raises(ValueError, match="requires"):
         PassManager([NeedsAbsorb()], emit=lambda _: None).run(hand_built_mla())
+
+
+def test_quantize_inserts_fp8_before_expert_fusion():
+    assert [p.name for p in build_pipeline(quantize=True)] == ["mla-absorb", "fp8-quantize", "expert-fusion", "cleanup"]
