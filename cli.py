@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 from dsc import __version__
 from dsc.errors import DscError
 
@@ -139,6 +140,21 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--min-agreement", type=float, default=1.0, help="min greedy top-1 agreement (default 1.0)")
     v.add_argument("--seed", type=int, default=0)
 
+    pr = sub.add_parser(
+        "profile",
+        help="count tokens per routed expert on calibration prompts",
+        description="Run the model (reference interpreter) on calibration prompts and record, "
+        "per MoE layer, how many tokens each routed expert received: the input of `dsc place`.",
+    )
+    pr.add_argument("model", type=Path)
+    pr.add_argument(
+        "--prompts",
+        type=Path,
+        required=True,
+        help="a file of prompts: comma-separated token ids per line, or text lines (tokenizer.json)",
+    )
+    pr.add_argument("-o", "--output", type=Path, required=True, help="expert_load.json to write")
+
     m = sub.add_parser("make-model", help="write a random-weight checkpoint in the Hugging Face format")
     m.add_argument("preset", help="tiny or bench")
     m.add_argument("-o", "--output", type=Path, required=True, help="directory to create")
@@ -225,6 +241,23 @@ def cmd_verify(a: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def cmd_profile(a: argparse.Namespace) -> int:
+    from dsc.frontends.checkpoint import Checkpoint
+    from dsc.profile_experts import profile_expert_load, read_prompt_file, write_load
+
+    ckpt = Checkpoint.open(a.model)
+    prompts = read_prompt_file(a.prompts, ckpt.config.vocab_size, ckpt.tokenizer_path)
+    result = profile_expert_load(a.model, prompts, log=_log(False))
+    write_load(result, a.output)
+    load = np.asarray(result["load"], dtype=float)
+    imbalance = (load.max(axis=1) / load.mean(axis=1)).round(2).tolist()
+    print(
+        f"wrote {a.output}: {len(result['layers'])} MoE layers x {result['experts']} experts, "
+        f"{result['tokens']} tokens; hottest expert / mean per layer: {imbalance}"
+    )
+    return 0
+
+
 def cmd_make_model(a: argparse.Namespace) -> int:
     from dsc.frontends.presets import PRESETS, make_model
 
@@ -242,6 +275,7 @@ COMMANDS = {
     "run": cmd_run,
     "inspect": cmd_inspect,
     "verify": cmd_verify,
+    "profile": cmd_profile,
     "make-model": cmd_make_model,
 }
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
-from dsc.ir.graph import Graph
+from dsc.ir.graph import Graph, Node
 from dsc.ir.ops import run_op
 from dsc.ir.types import bind_dims
 
@@ -13,8 +13,10 @@ from dsc.ir.types import bind_dims
 class Interpreter:
     """Runs a graph; weights load once and stay cached for repeated calls (decode loops)."""
 
-    def __init__(self, graph: Graph) -> None:
+    def __init__(self, graph: Graph, observe: Callable[[Node, list[torch.Tensor]], None] | None = None) -> None:
+        """``observe(node, outputs)`` is called after each node runs (profiling, debugging)."""
         self.graph = graph
+        self.observe = observe
         self._weights: dict[str, torch.Tensor] = {}
 
     def weight(self, name: str) -> torch.Tensor:
@@ -43,6 +45,8 @@ class Interpreter:
         keep = {v.name for v in self.graph.outputs} | set(self.graph.weights)
         for node in self.graph.nodes:
             outs = run_op(node.op, [env[v.name] for v in node.inputs], node.attrs)
+            if self.observe is not None:
+                self.observe(node, outs)
             for v, t in zip(node.outputs, outs, strict=True):
                 env[v.name] = t
             for v in node.inputs:  # free intermediates as soon as their last user ran
