@@ -13,7 +13,9 @@ def test_default_pipeline_and_disable():
     assert [p.name for p in build_pipeline()] == list(DEFAULT_PIPELINE)
     assert "mla-absorb" not in [p.name for p in build_pipeline(disable=["mla-absorb"])]
     assert [p.name for p in build_pipeline(["cleanup"])] == ["cleanup"]
-    with pytest.raises(CompileError, match="unknown pass 'nope'; known passes: cleanup, expert-fusion, fp8-quantize, mla-absorb"):
+    with pytest.raises(
+        CompileError, match="unknown pass 'nope'; known passes: cleanup, expert-fusion, fp8-quantize, mla-absorb"
+    ):
         build_pipeline(["nope"])
     with pytest.raises(CompileError, match="--disable-pass: unknown pass"):
         build_pipeline(disable=["nope"])
