@@ -105,6 +105,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --report: token-id prompts (one comma-separated line each) to measure logit error "
         "and top-1 agreement of the engine against the unquantized model",
     )
+    c.add_argument(
+        "--ep-size",
+        type=_positive,
+        default=1,
+        metavar="N",
+        help="expert parallelism: write a directory of engines for N ranks (dense segments + each "
+        "rank's experts); run it with dsc run DIR --ep-size N",
+    )
+    c.add_argument(
+        "--placement",
+        type=Path,
+        metavar="FILE",
+        help="with --ep-size: placement.json from dsc place (default: experts split evenly, no replicas)",
+    )
     c.add_argument("-q", "--quiet", action="store_true", help="print only the closing summary")
 
     r = sub.add_parser(
@@ -119,6 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-new-tokens", type=_positive, default=32)
     r.add_argument("--threads", type=_positive, help="onnxruntime intra-op threads (default: all cores)")
     r.add_argument("--json", action="store_true", help="print one JSON object: tokens, tokens_per_s, prefill_s")
+    r.add_argument(
+        "--ep-size",
+        type=_positive,
+        metavar="N",
+        help="run an expert-parallel engine directory on N local processes (gloo); under torchrun the "
+        "ranks come from the environment instead",
+    )
+    r.add_argument("--timeout", type=float, default=60.0, help="seconds before a stuck collective fails (EP runs)")
 
     i = sub.add_parser("inspect", help="summarize a checkpoint, config.json or engine")
     i.add_argument("path", type=Path)
@@ -187,10 +209,45 @@ def cmd_compile(a: argparse.Namespace) -> int:
         quantize=a.quantize,
         report=a.report or a.calibration_prompts is not None,
         calibration_prompts=a.calibration_prompts,
+        ep_size=a.ep_size,
+        placement=a.placement,
     )
     summary = compile_model(a.model, a.output, opts, log=_log(a.quiet))
     print("\n".join(summary.lines()))
     return 0
+
+
+def _run_ep(a: argparse.Namespace) -> int:
+    import os
+
+    from dsc.runtime.ep import read_ep_manifest, run_expert_parallel, run_under_torchrun
+
+    manifest = read_ep_manifest(a.engine)
+    if a.prompt is not None:
+        raise DscError("--prompt is not supported for expert-parallel runs yet; use --prompt-ids")
+    if max(a.prompt_ids) >= manifest["model"]["config"]["vocab_size"]:
+        raise DscError(f"--prompt-ids: token id {max(a.prompt_ids)} is outside the vocabulary")
+    if "WORLD_SIZE" in os.environ:
+        result = run_under_torchrun(a.engine, [a.prompt_ids], a.max_new_tokens, timeout_s=a.timeout)
+        if result is None:
+            return 0  # not rank 0
+    else:
+        result = run_expert_parallel(
+            a.engine, a.ep_size or manifest["ranks"], [a.prompt_ids], a.max_new_tokens, timeout_s=a.timeout
+        )
+    _print_generation(a, result, a.prompt_ids, None)
+    return 0
+
+
+def _print_generation(a: argparse.Namespace, result, prompt: list[int], tokenizer) -> None:
+    tokens = result.tokens[0]
+    if a.json:
+        print(json.dumps({"tokens": tokens, "tokens_per_s": result.tokens_per_s, "prefill_s": result.prefill_s}))
+        return
+    print("tokens: " + ",".join(str(t) for t in tokens))
+    if tokenizer is not None:
+        print("text:   " + tokenizer.decode(tokens))
+    print(f"prefill {result.prefill_s * 1000:.1f} ms ({len(prompt)} tokens), decode {result.tokens_per_s:.1f} tokens/s")
 
 
 def cmd_run(a: argparse.Namespace) -> int:
@@ -198,6 +255,8 @@ def cmd_run(a: argparse.Namespace) -> int:
     from dsc.runtime.generate import generate
     from dsc.runtime.tokenizer import load_tokenizer
 
+    if a.engine.is_dir() or a.ep_size:
+        return _run_ep(a)
     engine = load_engine(a.engine, threads=a.threads)
     tokenizer = None
     if a.prompt is not None:

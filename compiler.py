@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import resource
 import time
@@ -12,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from dsc import __version__
+from dsc.backends.atomic import sha256_files
 from dsc.errors import CompileError
 from dsc.ir.graph import Graph, Op
 from dsc.passes.manager import PassManager
@@ -34,6 +34,8 @@ class CompileOptions:
     quantize: str = "auto"  # auto: as stored (native FP8 stays FP8); fp8: quantize linear weights; none: all fp32
     report: bool = False  # print per-layer quantization error
     calibration_prompts: Path | None = None  # with report: logit error and top-1 agreement vs unquantized
+    ep_size: int = 1  # > 1: expert-parallel engines for this many ranks in the output directory
+    placement: Path | None = None  # placement.json (dsc place) for the expert-parallel engines
 
 
 @dataclass
@@ -125,15 +127,6 @@ def _io(values) -> list[dict[str, Any]]:
     return [{"name": v.name, "dtype": v.type.dtype.value, "shape": list(v.type.shape)} for v in values]
 
 
-def _sha256(paths: list[Path]) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        with open(p, "rb") as f:
-            while chunk := f.read(1 << 22):
-                h.update(chunk)
-    return h.hexdigest()
-
-
 _KV_LAYOUTS = {
     "naive": "per layer key [batch, past, heads, qk_head_dim] and value [batch, past, heads, v_head_dim]",
     "latent": "per layer one latent [batch, past, kv_lora_rank + qk_rope_head_dim]: normalized c_kv then rotated k_pe",
@@ -148,7 +141,7 @@ def build_manifest(graph: Graph, checkpoint, files: list[Path], pm: PassManager,
         "format_version": 1,
         "dsc_version": __version__,
         "backend": backend,
-        "engine_file": files[0].name,
+        "engine_file": files[0].name if files else None,
         "data_files": [p.name for p in files[1:]],
         "model": {"config": cfg.to_dict()},
         "io": {"inputs": _io(graph.inputs), "outputs": _io(graph.outputs)},
@@ -178,7 +171,7 @@ def build_manifest(graph: Graph, checkpoint, files: list[Path], pm: PassManager,
             else "",
         },
         "tokenizer": None,
-        "checksum": {"algorithm": "sha256", "files": [p.name for p in files], "value": _sha256(files)},
+        "checksum": {"algorithm": "sha256", "files": [p.name for p in files], "value": sha256_files(files)},
     }
 
 
@@ -195,7 +188,9 @@ def compile_model(
 
     options = options or CompileOptions()
     output = Path(output)
-    backend = options.backend or BACKENDS.get(output.suffix.lower())
+    backend = options.backend or ("onnx" if options.ep_size > 1 else BACKENDS.get(output.suffix.lower()))
+    if options.ep_size > 1 and (backend != "onnx" or output.suffix):
+        raise CompileError(f"{output}: --ep-size writes a directory of ONNX engines; give -o a directory name")
     if backend is None:
         raise CompileError(f"{output}: unknown output type '{output.suffix}'; use .onnx (ONNX) or .plan (TensorRT)")
     if backend == "tensorrt":
@@ -243,6 +238,8 @@ def compile_model(
             f"{json.dumps(r.stats, sort_keys=True)}"
         )
     t = stage("passes", t)
+    if options.ep_size > 1:
+        return _compile_ep(graph, checkpoint, pm, output, options, log, stages, baseline, t)
     log("[3/4] lowering to ONNX opset")
     onnx_model, initializers = lower_to_onnx(graph, producer_version=__version__, moe_lowering=options.moe_lowering)
     t = stage("lower", t)
@@ -287,6 +284,43 @@ def compile_model(
         peak_rss_bytes=peak,
         baseline_rss_bytes=baseline,
         passes=manifest["passes"],
+    )
+
+
+def _compile_ep(
+    graph, checkpoint, pm, output: Path, options: CompileOptions, log, stages, baseline, t
+) -> CompileSummary:
+    import shutil
+
+    from dsc.backends.ep import load_placement, write_ep_engines
+
+    placement = load_placement(options.placement) if options.placement is not None else None
+    log(f"[3/4] lowering and writing {options.ep_size} ranks' engines to {output}/")
+    created = not output.exists()
+    base = build_manifest(graph, checkpoint, [], pm, "onnx")
+    try:
+        files = write_ep_engines(
+            graph, output, options.ep_size, placement, moe_lowering=options.moe_lowering, manifest_base=base, log=log
+        )
+    except BaseException:
+        if created:
+            shutil.rmtree(output, ignore_errors=True)  # never leave half an engine directory behind
+        raise
+    now = time.perf_counter()
+    stages["write"] = now - t
+    return CompileSummary(
+        output=output,
+        files=files,
+        stages=stages,
+        params=graph.param_count(),
+        active_params=active_params(graph),
+        nodes=len(graph.nodes),
+        engine_bytes=sum(p.stat().st_size for p in files),
+        kv_bytes_per_token=kv_bytes_per_token(graph),
+        checkpoint_bytes=sum(p.stat().st_size for p in checkpoint.files),
+        peak_rss_bytes=peak_rss_bytes(),
+        baseline_rss_bytes=baseline,
+        passes=base["passes"],
     )
 
 

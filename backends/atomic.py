@@ -38,3 +38,15 @@ def atomic_output(path: Path) -> Iterator[Path]:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     with atomic_output(path) as tmp:
         tmp.write_bytes(data)
+
+
+def sha256_files(paths: list[Path]) -> str:
+    """One digest over the files' bytes, in order (engine checksums in manifests)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in paths:
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+    return h.hexdigest()
