@@ -271,20 +271,7 @@ def compile_model(
     peak = peak_rss_bytes()  # before the report, which runs the model
     if options.report:
         _report(graph, unquantized, output, prompts, log)
-    return CompileSummary(
-        output=output,
-        files=files,
-        stages=stages,
-        params=graph.param_count(),
-        active_params=active_params(graph),
-        nodes=len(graph.nodes),
-        engine_bytes=sum(p.stat().st_size for p in files),
-        kv_bytes_per_token=kv_bytes_per_token(graph),
-        checkpoint_bytes=sum(p.stat().st_size for p in checkpoint.files),
-        peak_rss_bytes=peak,
-        baseline_rss_bytes=baseline,
-        passes=manifest["passes"],
-    )
+    return _summary(output, files, graph, checkpoint, stages, peak, baseline, manifest["passes"])
 
 
 def _compile_ep(
@@ -308,6 +295,10 @@ def _compile_ep(
         raise
     now = time.perf_counter()
     stages["write"] = now - t
+    return _summary(output, files, graph, checkpoint, stages, peak_rss_bytes(), baseline, base["passes"])
+
+
+def _summary(output, files, graph, checkpoint, stages, peak, baseline, passes) -> CompileSummary:
     return CompileSummary(
         output=output,
         files=files,
@@ -318,9 +309,9 @@ def _compile_ep(
         engine_bytes=sum(p.stat().st_size for p in files),
         kv_bytes_per_token=kv_bytes_per_token(graph),
         checkpoint_bytes=sum(p.stat().st_size for p in checkpoint.files),
-        peak_rss_bytes=peak_rss_bytes(),
+        peak_rss_bytes=peak,
         baseline_rss_bytes=baseline,
-        passes=base["passes"],
+        passes=passes,
     )
 
 

@@ -41,6 +41,7 @@ def read_prompt_file(path: Path, vocab: int, tokenizer_path: Path | None) -> lis
 
 def profile_expert_load(model: Path, prompts: list[list[int]], log: Callable[[str], None] = print) -> dict:
     from dsc.frontends.loader import load_graph
+    from dsc.frontends.trace import empty_cache
     from dsc.ir.interpreter import Interpreter
 
     checkpoint, graph = load_graph(model)
@@ -56,16 +57,13 @@ def profile_expert_load(model: Path, prompts: list[list[int]], log: Callable[[st
             counts[node.name] += np.bincount(outputs[1].reshape(-1).numpy(), minlength=experts)
 
     interp = Interpreter(graph, observe=observe)
-    caches = [v for v in graph.inputs if v.name.startswith("past_key_values.")]
     tokens = 0
     for i, ids in enumerate(prompts, start=1):
-        feeds = {"input_ids": torch.tensor([ids]), "position_ids": torch.arange(len(ids))[None]}
-        feeds.update(
-            {
-                v.name: torch.zeros([1 if d == "batch" else 0 if d == "past" else d for d in v.type.shape])
-                for v in caches
-            }
-        )
+        feeds = {
+            "input_ids": torch.tensor([ids]),
+            "position_ids": torch.arange(len(ids))[None],
+            **empty_cache(graph, 1),
+        }
         interp.run(feeds)
         tokens += len(ids)
         log(f"  prompt {i}/{len(prompts)}: {len(ids)} tokens")

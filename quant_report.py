@@ -66,6 +66,7 @@ def read_prompts(path: Path) -> list[list[int]]:
 
 def calibration(reference: Graph, engine, prompts: list[list[int]]) -> tuple[float, float]:
     """(max relative logit error, top-1 agreement) of the engine against the reference graph, prompt by prompt."""
+    from dsc.frontends.trace import empty_cache
     from dsc.ir.interpreter import Interpreter
 
     ref = Interpreter(reference)
@@ -73,10 +74,7 @@ def calibration(reference: Graph, engine, prompts: list[list[int]]) -> tuple[flo
     for ids in prompts:
         arr = np.asarray([ids], dtype=np.int64)
         pos = np.arange(len(ids))[None].copy()
-        feeds = {"input_ids": torch.from_numpy(arr), "position_ids": torch.from_numpy(pos)}
-        for v in reference.inputs:
-            if v.name.startswith("past_key_values."):
-                feeds[v.name] = torch.zeros([1 if d == "batch" else 0 if d == "past" else d for d in v.type.shape])
+        feeds = {"input_ids": torch.from_numpy(arr), "position_ids": torch.from_numpy(pos), **empty_cache(reference, 1)}
         want = ref.run(feeds)["logits"].numpy()
         got, _ = engine.step(arr, pos, [c.empty(1) for c in engine.cache])
         errors.append(float(np.abs(got - want).max() / np.abs(want).max()))

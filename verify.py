@@ -38,6 +38,7 @@ def compare_logits(engine_logits: np.ndarray, ref_logits: np.ndarray) -> tuple[f
 
 def verify_engine(model: Path, engine_path: Path, *, prompt: Sequence[int] | None, steps: int, seed: int = 0):
     from dsc.frontends.loader import load_graph
+    from dsc.frontends.trace import empty_cache
     from dsc.ir.interpreter import Interpreter
     from dsc.runtime.engine import load_engine
 
@@ -51,11 +52,7 @@ def verify_engine(model: Path, engine_path: Path, *, prompt: Sequence[int] | Non
     if max(prompt) >= cfg.vocab_size:
         raise DscError(f"--prompt-ids: token id {max(prompt)} is outside the vocabulary (size {cfg.vocab_size})")
     ref = Interpreter(graph)
-    ref_past = {
-        v.name: torch.zeros([1 if d == "batch" else 0 if d == "past" else d for d in v.type.shape])
-        for v in graph.inputs
-        if v.name.startswith("past_key_values.")
-    }
+    ref_past = empty_cache(graph, 1)
     eng_past = [c.empty(1) for c in engine.cache]
     report = VerifyReport()
     agreements: list[np.ndarray] = []

@@ -130,6 +130,15 @@ class _Translator:
         raise AssertionError("fx graph has no output")
 
 
+def empty_cache(graph: Graph, batch: int) -> dict[str, torch.Tensor]:
+    """Zero-length past caches for every cache input of a traced graph (the feeds of a first step)."""
+    return {
+        v.name: torch.zeros([batch if d == "batch" else 0 if d == "past" else d for d in v.type.shape])
+        for v in graph.inputs
+        if v.name.startswith("past_key_values.")
+    }
+
+
 def kv_shapes(cfg: ModelConfig) -> tuple[tuple[int, int], tuple[int, int]]:
     """(heads, dim) of the naive cache's key and value tensors."""
     n = cfg.num_attention_heads
