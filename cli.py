@@ -119,6 +119,23 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="with --ep-size: placement.json from dsc place (default: experts split evenly, no replicas)",
     )
+    t = c.add_argument_group("TensorRT (-o x.plan)")
+    t.add_argument("--max-batch", type=_positive, default=1, help="largest batch the plan serves (default 1)")
+    t.add_argument(
+        "--max-seq-len",
+        type=_positive,
+        default=4096,
+        help="longest prompt + generated tokens the plan serves (default 4096)",
+    )
+    t.add_argument("--opt-seq-len", type=_positive, help="prompt length to tune for (default: tune for decode)")
+    t.add_argument(
+        "--precision",
+        choices=["fp32", "fp16", "bf16"],
+        default="fp32",
+        help="TensorRT precision for the non-FP8 layers (FP8 weights stay FP8)",
+    )
+    t.add_argument("--workspace", type=_positive, default=4096, metavar="MB", help="builder workspace (default 4096)")
+    t.add_argument("--timing-cache", type=Path, metavar="FILE", help="reuse and update a TensorRT timing cache")
     c.add_argument("-q", "--quiet", action="store_true", help="print only the closing summary")
 
     r = sub.add_parser(
@@ -211,6 +228,12 @@ def cmd_compile(a: argparse.Namespace) -> int:
         calibration_prompts=a.calibration_prompts,
         ep_size=a.ep_size,
         placement=a.placement,
+        max_batch=a.max_batch,
+        max_seq_len=a.max_seq_len,
+        opt_seq_len=a.opt_seq_len,
+        precision=a.precision,
+        workspace_bytes=a.workspace << 20,
+        timing_cache=a.timing_cache,
     )
     summary = compile_model(a.model, a.output, opts, log=_log(a.quiet))
     print("\n".join(summary.lines()))

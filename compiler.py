@@ -34,6 +34,13 @@ class CompileOptions:
     quantize: str = "auto"  # auto: as stored (native FP8 stays FP8); fp8: quantize linear weights; none: all fp32
     report: bool = False  # print per-layer quantization error
     calibration_prompts: Path | None = None  # with report: logit error and top-1 agreement vs unquantized
+    # TensorRT plans (backend "tensorrt"): profile ranges, precision, workspace, timing cache
+    max_batch: int = 1
+    max_seq_len: int = 4096
+    opt_seq_len: int | None = None
+    precision: str = "fp32"
+    workspace_bytes: int = 4 << 30
+    timing_cache: Path | None = None
     ep_size: int = 1  # > 1: expert-parallel engines for this many ranks in the output directory
     placement: Path | None = None  # placement.json (dsc place) for the expert-parallel engines
 
@@ -194,8 +201,10 @@ def compile_model(
     if backend is None:
         raise CompileError(f"{output}: unknown output type '{output.suffix}'; use .onnx (ONNX) or .plan (TensorRT)")
     if backend == "tensorrt":
+        from dsc.backends.tensorrt import profiles_from_flags
         from dsc.backends.tensorrt_support import require_tensorrt
 
+        profiles = profiles_from_flags(options.max_batch, options.max_seq_len, options.opt_seq_len)  # check first
         require_tensorrt()
     check_writable_dir(output)
     baseline = current_rss_bytes()
@@ -240,6 +249,33 @@ def compile_model(
     t = stage("passes", t)
     if options.ep_size > 1:
         return _compile_ep(graph, checkpoint, pm, output, options, log, stages, baseline, t)
+    if backend == "tensorrt":
+        from dsc.backends.tensorrt import build_engine
+
+        log(f"[3/4] building the TensorRT plan {output} ({options.precision})")
+        build_engine(
+            graph,
+            output,
+            profiles=profiles,
+            precision=options.precision,
+            workspace_bytes=options.workspace_bytes,
+            timing_cache=options.timing_cache,
+            log=log,
+            checkpoint=checkpoint,
+            pass_manager=pm,
+        )
+        stages["build"] = time.perf_counter() - t
+        files = [output]
+        return _summary(
+            output,
+            files,
+            graph,
+            checkpoint,
+            stages,
+            peak_rss_bytes(),
+            baseline,
+            json.loads(manifest_path(output).read_text())["passes"],
+        )
     log("[3/4] lowering to ONNX opset")
     onnx_model, initializers = lower_to_onnx(graph, producer_version=__version__, moe_lowering=options.moe_lowering)
     t = stage("lower", t)

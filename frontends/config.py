@@ -1,8 +1,9 @@
 """config.json of a Hugging Face DeepSeek-V3 / V2 checkpoint, normalized into one frozen ModelConfig.
 
-Defaults follow transformers 5.x's DeepseekV3Config / DeepseekV2Config, and the model semantics follow
-transformers' modeling code where it and DESIGN.md differ (noted at each field). Both transformers 4.x
-``rope_scaling`` and 5.x ``rope_parameters`` are accepted.
+transformers (5.24, ``models/deepseek_v3`` and ``models/deepseek_v2``) is the numerical reference, so a
+field config.json leaves out takes the default of transformers' DeepseekV3Config / DeepseekV2Config, and
+the model semantics follow transformers' modeling code where it and DESIGN.md differ (noted where it
+matters). Both transformers 4.x ``rope_scaling`` and 5.x ``rope_parameters`` are accepted.
 """
 
 from __future__ import annotations
@@ -17,9 +18,24 @@ from dsc.errors import ConfigError
 
 SUPPORTED = ("deepseek_v3", "deepseek_v2")
 
-# Defaults where config.json omits a field: transformers 5.x DeepseekV3Config / DeepseekV2Config.
+# Where config.json omits a field: the class defaults of transformers 5.24's DeepseekV3Config
+# (configuration_deepseek_v3.py) and DeepseekV2Config (configuration_deepseek_v2.py). None means
+# transformers has no usable default: the field is required wherever the model needs it.
+_COMMON: dict[str, Any] = dict(
+    kv_lora_rank=512,
+    q_lora_rank=1536,
+    qk_rope_head_dim=64,
+    v_head_dim=128,
+    qk_nope_head_dim=128,
+    hidden_act="silu",
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+    attention_bias=False,
+    mlp_bias=False,
+)
 _DEFAULTS: dict[str, dict[str, Any]] = {
     "deepseek_v3": dict(
+        _COMMON,
         vocab_size=129280,
         hidden_size=7168,
         intermediate_size=18432,
@@ -29,29 +45,22 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         n_shared_experts=1,
         n_routed_experts=256,
         routed_scaling_factor=2.5,
-        kv_lora_rank=512,
-        q_lora_rank=1536,
-        qk_rope_head_dim=64,
-        v_head_dim=128,
-        qk_nope_head_dim=128,
         n_group=8,
         topk_group=4,
         num_experts_per_tok=8,
         first_k_dense_replace=3,
         norm_topk_prob=True,
-        hidden_act="silu",
         max_position_embeddings=4096,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
         rope_interleave=True,
-        attention_bias=False,
+        num_nextn_predict_layers=1,  # DeepseekV3Config.num_mtp_layers = 1 (attribute_map alias)
+        # Not DeepseekV3Config fields: transformers' V3 router is always sigmoid + noaux_tc, and it ignores
+        # moe_layer_freq (see ModelConfig.is_moe_layer).
         scoring_func="sigmoid",
         topk_method="noaux_tc",
         moe_layer_freq=1,
-        rope_theta=10000.0,
-        num_nextn_predict_layers=0,
     ),
     "deepseek_v2": dict(
+        _COMMON,
         vocab_size=102400,
         hidden_size=4096,
         intermediate_size=11008,
@@ -61,34 +70,27 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         n_shared_experts=2,
         n_routed_experts=64,
         routed_scaling_factor=1.0,
-        kv_lora_rank=512,
-        q_lora_rank=1536,
-        qk_rope_head_dim=64,
-        v_head_dim=128,
-        qk_nope_head_dim=128,
-        n_group=1,
-        topk_group=1,
+        n_group=None,
+        topk_group=None,
         num_experts_per_tok=None,
         first_k_dense_replace=0,
         norm_topk_prob=False,
-        hidden_act="silu",
         max_position_embeddings=2048,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-        rope_interleave=True,
-        attention_bias=False,
-        scoring_func="softmax",
         topk_method="greedy",
-        moe_layer_freq=1,
-        rope_theta=10000.0,
+        # Not DeepseekV2Config fields: V2's router is always softmax, its rope always rotates adjacent pairs
+        # (view_as_complex), and it has neither MTP layers nor a moe_layer_freq rule.
+        scoring_func="softmax",
+        rope_interleave=True,
         num_nextn_predict_layers=0,
+        moe_layer_freq=1,
     ),
 }
+_DEFAULT_ROPE_THETA = 10000.0  # transformers' RotaryEmbeddingConfigMixin.default_theta
 
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """YaRN parameters (DESIGN.md §4)."""
+    """YaRN parameters (DESIGN.md §4), with transformers' defaults filled in."""
 
     type: str
     factor: float
@@ -102,6 +104,8 @@ class RopeScaling:
 
 @dataclass(frozen=True)
 class FP8Quantization:
+    """quantization_config of a DeepSeek FP8 checkpoint (DESIGN.md §5)."""
+
     fmt: str
     weight_block_size: tuple[int, int]
     activation_scheme: str
@@ -139,6 +143,7 @@ class ModelConfig:
     tie_word_embeddings: bool
     max_position_embeddings: int
     hidden_act: str
+    attention_bias: bool
     num_nextn_predict_layers: int
     quantization: FP8Quantization | None
 
@@ -147,172 +152,272 @@ class ModelConfig:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
     def is_moe_layer(self, i: int) -> bool:
-        # transformers 5.x (both V2 and V3) makes layer i MoE exactly when i >= first_k_dense_replace; it
-        # ignores moe_layer_freq, which DeepSeek's own code also honours (i % moe_layer_freq == 0). Released
-        # checkpoints all use moe_layer_freq 1, where the two agree; we follow DeepSeek's rule for others.
-        if not self.n_routed_experts or not self.num_experts_per_tok:
-            return False
-        return i >= self.first_k_dense_replace and i % self.moe_layer_freq == 0
+        # DESIGN.md §2 (and DeepSeek's remote modeling_deepseek.py): MoE where i >= first_k_dense_replace and
+        # i % moe_layer_freq == 0. transformers 5.24 ignores moe_layer_freq in both models:
+        #   V3: `if layer_idx >= config.first_k_dense_replace: self.mlp = DeepseekV3MoE(config)`
+        #   V2: `DeepseekV2Moe(config) if layer_idx >= config.first_k_dense_replace else DeepseekV2MLP(config)`
+        # We follow transformers, the numerical reference; every released checkpoint has moe_layer_freq 1,
+        # where the two rules agree.
+        return self.first_k_dense_replace <= i < self.num_hidden_layers
 
     @property
     def softmax_scale(self) -> float:
-        """qk_head_dim^-0.5, times mscale^2 under YaRN with mscale_all_dim (DESIGN.md §4)."""
+        """qk_head_dim^-0.5, times mscale^2 under YaRN with mscale_all_dim (DESIGN.md §4; transformers'
+        yarn_apply_mscale)."""
         scale = self.qk_head_dim**-0.5
         ys = self.rope_scaling
-        if ys is not None and ys.mscale_all_dim:
-            m = 0.1 * ys.mscale_all_dim * math.log(ys.factor) + 1.0 if ys.factor > 1 else 1.0
+        if ys is not None and ys.mscale_all_dim and ys.factor > 1:
+            m = 0.1 * ys.mscale_all_dim * math.log(ys.factor) + 1.0
             scale *= m * m
         return scale
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        if self.quantization is not None:
-            d["quantization"]["weight_block_size"] = list(self.quantization.weight_block_size)
-        return d
+        """JSON-able (tuples become lists), for manifests."""
+        return json.loads(json.dumps(asdict(self)))
 
 
-def _rope(raw: dict[str, Any], source: str) -> tuple[float, RopeScaling | None]:
-    params = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
-    theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
-    kind = params.get("rope_type", params.get("type", "default"))
-    if kind in (None, "default"):
+class _Fields:
+    """Typed reads of config.json values; every failure names the file and the field."""
+
+    def __init__(self, raw: dict[str, Any], defaults: dict[str, Any], source: str) -> None:
+        self.raw, self.defaults, self.source = raw, defaults, source
+
+    def fail(self, msg: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {msg}")
+
+    def get(self, name: str) -> Any:
+        return self.raw[name] if name in self.raw else self.defaults.get(name)
+
+    def integer(self, name: str, *, nullable: bool = False, minimum: int | None = 1) -> int | None:
+        v = self.get(name)
+        if v is None:
+            if nullable:
+                return None
+            if name in self.raw:
+                raise self.fail(f"'{name}' is null; it must be an integer")
+            raise self.fail(f"missing required field '{name}'")
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise self.fail(f"'{name}' must be an integer, got {json.dumps(v)}")
+        if minimum is not None and v < minimum:
+            raise self.fail(f"'{name}' must be >= {minimum}, got {v}")
+        return v
+
+    def number(self, name: str, *, positive: bool = False) -> float:
+        v = self.get(name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise self.fail(f"'{name}' must be a number, got {json.dumps(v)}")
+        if positive and not v > 0:
+            raise self.fail(f"'{name}' must be > 0, got {v}")
+        return float(v)
+
+    def flag(self, name: str) -> bool:
+        v = self.get(name)
+        if v is None:  # transformers tests these flags for truth, so null acts as false
+            return False
+        if not isinstance(v, bool):
+            raise self.fail(f"'{name}' must be true or false, got {json.dumps(v)}")
+        return v
+
+    def text(self, name: str) -> str:
+        v = self.get(name)
+        if not isinstance(v, str):
+            raise self.fail(f"'{name}' must be a string, got {json.dumps(v)}")
+        return v
+
+
+def _rope(raw: dict[str, Any], max_positions: int, source: str) -> tuple[float, RopeScaling | None]:
+    # transformers' convert_rope_params_to_dict: `self.rope_parameters = rope_scaling or self.rope_parameters`,
+    # so a non-empty 4.x rope_scaling wins over rope_parameters; rope_theta inside the dict wins over the
+    # top-level one, which defaults to 10000.
+    params = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"{source}: rope parameters must be a JSON object, got {json.dumps(params)}")
+    if params and all(isinstance(v, dict) for v in params.values()):
+        raise ConfigError(f"{source}: per-layer-type rope parameters are not supported (DeepSeek has one rope)")
+    fields = _Fields(params, {"rope_theta": raw.get("rope_theta", _DEFAULT_ROPE_THETA)}, source)
+    theta = fields.number("rope_theta", positive=True)
+    kind = params.get("rope_type", params.get("type")) or "default"
+    if kind == "default":
         return theta, None
     if kind != "yarn":
         raise ConfigError(f"{source}: rope type '{kind}' is not supported (supported: default, yarn)")
-    if "factor" not in params:
+    if params.get("factor") is None:
         raise ConfigError(f"{source}: yarn rope scaling needs 'factor'")
-    orig = params.get("original_max_position_embeddings") or raw.get("max_position_embeddings")
+    if params.get("truncate", True) is not True:
+        raise ConfigError(f"{source}: yarn rope with truncate=false is not supported")
+    fields.defaults.update(original_max_position_embeddings=max_positions)  # as transformers' standardize
+    factor = fields.number("factor", positive=True)
+    optional = {
+        name: fields.number(name) for name in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim") if params.get(name)
+    }
     return theta, RopeScaling(
         type="yarn",
-        factor=float(params["factor"]),
-        original_max_position_embeddings=int(orig),
-        beta_fast=float(params.get("beta_fast") or 32.0),
-        beta_slow=float(params.get("beta_slow") or 1.0),
-        mscale=float(params.get("mscale") or 0.0),
-        mscale_all_dim=float(params.get("mscale_all_dim") or 0.0),
-        attention_factor=float(params["attention_factor"]) if params.get("attention_factor") else None,
+        factor=factor,
+        original_max_position_embeddings=fields.integer("original_max_position_embeddings"),
+        # transformers: `rope_parameters_dict.get("beta_fast") or 32`, `... .get("beta_slow") or 1`
+        beta_fast=optional.get("beta_fast", 32.0),
+        beta_slow=optional.get("beta_slow", 1.0),
+        mscale=optional.get("mscale", 0.0),
+        mscale_all_dim=optional.get("mscale_all_dim", 0.0),
+        attention_factor=fields.number("attention_factor", positive=True) if params.get("attention_factor") else None,
     )
 
 
+def _quantization(raw: dict[str, Any], source: str) -> FP8Quantization | None:
+    quant = raw.get("quantization_config")
+    if not quant:
+        return None
+    if not isinstance(quant, dict) or quant.get("quant_method") != "fp8":
+        method = quant.get("quant_method") if isinstance(quant, dict) else quant
+        raise ConfigError(f"{source}: quantization '{method}' is not supported (only DeepSeek's fp8)")
+    fmt = quant.get("fmt", "e4m3")
+    if fmt != "e4m3":
+        raise ConfigError(f"{source}: fp8 format '{fmt}' is not supported (only e4m3)")
+    block = quant.get("weight_block_size", [128, 128])
+    if (
+        not isinstance(block, list)
+        or len(block) != 2
+        or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)
+    ):
+        raise ConfigError(f"{source}: quantization_config.weight_block_size must be two positive integers, got {block}")
+    return FP8Quantization(fmt, (block[0], block[1]), str(quant.get("activation_scheme", "dynamic")))
+
+
 def config_from_dict(raw: dict[str, Any], source: str = "config.json") -> ModelConfig:
+    """Normalize a parsed config.json; ``source`` names it in errors."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a JSON object")
     model_type = raw.get("model_type")
     if model_type not in SUPPORTED:
-        raise ConfigError(f"{source}: model_type '{model_type}' is not supported (supported: {', '.join(SUPPORTED)})")
-    for flag in ("attention_bias", "mlp_bias"):
-        if raw.get(flag):
+        shown = f"'{model_type}'" if model_type is not None else "missing"
+        raise ConfigError(f"{source}: model_type {shown} is not supported (supported: {', '.join(SUPPORTED)})")
+    if "num_nextn_predict_layers" not in raw and "num_mtp_layers" in raw:  # DeepseekV3Config's own name for it
+        raw = dict(raw, num_nextn_predict_layers=raw["num_mtp_layers"])
+    f = _Fields(raw, _DEFAULTS[model_type], source)
+    for flag in ("attention_bias", "mlp_bias"):  # the traced model has no bias terms
+        if f.flag(flag):
             raise ConfigError(f"{source}: {flag}=true is not supported (DeepSeek checkpoints have no biases)")
-    if raw.get("hidden_act", "silu") != "silu":
+    if f.text("hidden_act") != "silu":
         raise ConfigError(f"{source}: hidden_act '{raw['hidden_act']}' is not supported (only silu)")
-    d = {**_DEFAULTS[model_type], **{k: v for k, v in raw.items() if v is not None or k == "q_lora_rank"}}
-    theta, rope_scaling = _rope(raw, source)
-    quant = raw.get("quantization_config")
-    fp8 = None
-    if quant:
-        if quant.get("quant_method") != "fp8":
-            raise ConfigError(f"{source}: quantization '{quant.get('quant_method')}' is not supported (only fp8)")
-        fp8 = FP8Quantization(
-            str(quant.get("fmt", "e4m3")),
-            tuple(quant.get("weight_block_size", (128, 128))),
-            str(quant.get("activation_scheme", "dynamic")),
-        )
+
+    layers = f.integer("num_hidden_layers")
+    first_dense = f.integer("first_k_dense_replace", minimum=0)
+    has_moe = first_dense < layers
     if model_type == "deepseek_v2":
-        # transformers' V2 router: softmax scores, greedy or group_limited_greedy, no renormalization of the
-        # top-k weights (it has no norm_topk_prob branch), and complex-pair (interleaved) rope always.
-        d.update(scoring_func="softmax", norm_topk_prob=False, rope_interleave=True)
-        if d["topk_method"] not in ("greedy", "group_limited_greedy"):
-            raise ConfigError(f"{source}: deepseek_v2 topk_method '{d['topk_method']}' is not supported")
+        # transformers' DeepseekV2TopkRouter: `scores = router_logits.softmax(...)`, then
+        # `if self.topk_method == "greedy": ... elif ... == "group_limited_greedy": ...` (any other method leaves
+        # topk_weights unbound), then `topk_weights * self.routed_scaling_factor`: it never renormalizes, so
+        # config.json's norm_topk_prob is ignored, and its rope is always pairwise (apply_rotary_emb uses
+        # view_as_complex), whatever rope_interleave says.
+        scoring, method, norm, interleave = "softmax", f.text("topk_method"), False, True
+        if method not in ("greedy", "group_limited_greedy"):
+            raise ConfigError(
+                f"{source}: deepseek_v2 topk_method '{method}' is not supported "
+                "(supported: greedy, group_limited_greedy)"
+            )
     else:
-        # transformers' V3 router is always sigmoid + e_score_correction_bias + group-limited (noaux_tc).
-        if d.get("scoring_func", "sigmoid") != "sigmoid" or d.get("topk_method", "noaux_tc") != "noaux_tc":
-            raise ConfigError(f"{source}: deepseek_v3 needs scoring_func sigmoid and topk_method noaux_tc")
-        d.update(scoring_func="sigmoid", topk_method="noaux_tc")
-    mtp = raw.get("num_nextn_predict_layers", raw.get("num_mtp_layers", 0)) or 0
-    try:
-        cfg = ModelConfig(
-            model_type=model_type,
-            vocab_size=int(d["vocab_size"]),
-            hidden_size=int(d["hidden_size"]),
-            intermediate_size=int(d["intermediate_size"]),
-            moe_intermediate_size=int(d["moe_intermediate_size"]),
-            num_hidden_layers=int(d["num_hidden_layers"]),
-            num_attention_heads=int(d["num_attention_heads"]),
-            q_lora_rank=int(d["q_lora_rank"]) if d.get("q_lora_rank") else None,
-            kv_lora_rank=int(d["kv_lora_rank"]),
-            qk_nope_head_dim=int(d["qk_nope_head_dim"]),
-            qk_rope_head_dim=int(d["qk_rope_head_dim"]),
-            v_head_dim=int(d["v_head_dim"]),
-            n_routed_experts=int(d["n_routed_experts"]) if d.get("n_routed_experts") else None,
-            n_shared_experts=int(d["n_shared_experts"]) if d.get("n_shared_experts") else None,
-            num_experts_per_tok=int(d["num_experts_per_tok"]) if d.get("num_experts_per_tok") else None,
-            n_group=int(d.get("n_group") or 1),
-            topk_group=int(d.get("topk_group") or 1),
-            routed_scaling_factor=float(d["routed_scaling_factor"]),
-            scoring_func=str(d["scoring_func"]),
-            topk_method=str(d["topk_method"]),
-            norm_topk_prob=bool(d["norm_topk_prob"]),
-            first_k_dense_replace=int(d["first_k_dense_replace"]),
-            moe_layer_freq=int(d.get("moe_layer_freq") or 1),
-            rms_norm_eps=float(d["rms_norm_eps"]),
-            rope_theta=theta,
-            rope_scaling=rope_scaling,
-            rope_interleave=bool(d["rope_interleave"]),
-            tie_word_embeddings=bool(d["tie_word_embeddings"]),
-            max_position_embeddings=int(d["max_position_embeddings"]),
-            hidden_act=str(d["hidden_act"]),
-            num_nextn_predict_layers=int(mtp),
-            quantization=fp8,
-        )
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{source}: invalid value: {exc}") from exc
+        # transformers' DeepseekV3TopkRouter is always sigmoid + e_score_correction_bias + group-limited top-k;
+        # a config.json asking for anything else describes a model transformers would not compute.
+        scoring, method = f.text("scoring_func"), f.text("topk_method")
+        if (scoring, method) != ("sigmoid", "noaux_tc"):
+            raise ConfigError(
+                f"{source}: deepseek_v3 needs scoring_func sigmoid and topk_method noaux_tc, got {scoring} and {method}"
+            )
+        norm, interleave = f.flag("norm_topk_prob"), f.flag("rope_interleave")
+
+    # null groups mean one group (nothing masked), except where group-limited greedy needs real ones
+    if model_type == "deepseek_v2" and method == "group_limited_greedy" and has_moe:
+        n_group, topk_group = f.integer("n_group"), f.integer("topk_group")
+    else:
+        n_group, topk_group = f.integer("n_group", nullable=True) or 1, f.integer("topk_group", nullable=True) or 1
+    # the router needs expert counts as soon as one layer is MoE; a model without MoE layers may omit them
+    n_routed = f.integer("n_routed_experts", nullable=not has_moe)
+    per_token = f.integer("num_experts_per_tok", nullable=not has_moe)
+    q_lora = f.integer("q_lora_rank", nullable=True)  # null: one q_proj instead of q_a/q_b
+    max_positions = f.integer("max_position_embeddings")
+    theta, rope_scaling = _rope(raw, max_positions, source)
+    cfg = ModelConfig(
+        model_type=model_type,
+        vocab_size=f.integer("vocab_size"),
+        hidden_size=f.integer("hidden_size"),
+        intermediate_size=f.integer("intermediate_size"),
+        moe_intermediate_size=f.integer("moe_intermediate_size"),
+        num_hidden_layers=layers,
+        num_attention_heads=f.integer("num_attention_heads"),
+        q_lora_rank=q_lora,
+        kv_lora_rank=f.integer("kv_lora_rank"),
+        qk_nope_head_dim=f.integer("qk_nope_head_dim"),
+        qk_rope_head_dim=f.integer("qk_rope_head_dim"),
+        v_head_dim=f.integer("v_head_dim"),
+        n_routed_experts=n_routed,
+        # null: no shared experts (transformers would fail on it; DeepSeek's own code allows it)
+        n_shared_experts=f.integer("n_shared_experts", nullable=True, minimum=0) or None,
+        num_experts_per_tok=per_token,
+        n_group=n_group,
+        topk_group=topk_group,
+        routed_scaling_factor=f.number("routed_scaling_factor", positive=True),
+        scoring_func=scoring,
+        topk_method=method,
+        norm_topk_prob=norm,
+        first_k_dense_replace=first_dense,
+        moe_layer_freq=f.integer("moe_layer_freq", nullable=True) or 1,
+        rms_norm_eps=f.number("rms_norm_eps", positive=True),
+        rope_theta=theta,
+        rope_scaling=rope_scaling,
+        rope_interleave=interleave,
+        tie_word_embeddings=f.flag("tie_word_embeddings"),
+        max_position_embeddings=max_positions,
+        hidden_act="silu",
+        attention_bias=False,
+        num_nextn_predict_layers=f.integer("num_nextn_predict_layers", nullable=True, minimum=0) or 0,
+        quantization=_quantization(raw, source),
+    )
     _check(cfg, source)
     return cfg
 
 
 def _check(c: ModelConfig, source: str) -> None:
+    """Cross-field consistency: what transformers would crash on, or silently compute wrongly."""
+
     def need(cond: bool, msg: str) -> None:
         if not cond:
             raise ConfigError(f"{source}: {msg}")
 
-    for name in (
-        "vocab_size",
-        "hidden_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "kv_lora_rank",
-        "qk_rope_head_dim",
-        "v_head_dim",
-    ):
-        need(getattr(c, name) > 0, f"{name} must be positive")
-    need(c.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim must be even")
-    if c.n_routed_experts and c.num_experts_per_tok:
-        need(c.num_experts_per_tok <= c.n_routed_experts, "num_experts_per_tok exceeds n_routed_experts")
-        need(
-            c.n_routed_experts % c.n_group == 0,
-            f"n_routed_experts {c.n_routed_experts} is not divisible by n_group {c.n_group}",
-        )
-        need(1 <= c.topk_group <= c.n_group, f"topk_group {c.topk_group} must be in 1..n_group ({c.n_group})")
-        per_group = c.n_routed_experts // c.n_group
-        need(
-            c.topk_method != "noaux_tc" or c.n_group == 1 or per_group >= 2,
-            "noaux_tc group scores need at least 2 experts per group",
-        )
-        need(
-            c.num_experts_per_tok <= c.topk_group * per_group or c.topk_method == "greedy",
-            "num_experts_per_tok exceeds the experts in the kept groups",
-        )
-    need(c.moe_layer_freq >= 1, "moe_layer_freq must be >= 1")
+    need(c.qk_rope_head_dim % 2 == 0, f"qk_rope_head_dim must be even, got {c.qk_rope_head_dim}")
+    if c.n_routed_experts is None or c.num_experts_per_tok is None:
+        return  # no MoE layer (checked by the caller)
+    need(
+        c.num_experts_per_tok <= c.n_routed_experts,
+        f"num_experts_per_tok {c.num_experts_per_tok} exceeds n_routed_experts {c.n_routed_experts}",
+    )
+    need(
+        c.n_routed_experts % c.n_group == 0,
+        f"n_routed_experts {c.n_routed_experts} is not divisible by n_group {c.n_group}",
+    )
+    need(c.topk_group <= c.n_group, f"topk_group {c.topk_group} exceeds n_group {c.n_group}")
+    if c.topk_method == "greedy":
+        return  # groups unused
+    per_group = c.n_routed_experts // c.n_group
+    if c.topk_method == "noaux_tc":  # a group's score is the sum of its top-2 experts
+        need(per_group >= 2, f"noaux_tc needs at least 2 experts per group, got {per_group}")
+    need(
+        c.num_experts_per_tok <= c.topk_group * per_group,
+        f"num_experts_per_tok {c.num_experts_per_tok} exceeds the {c.topk_group * per_group} experts "
+        f"of the topk_group {c.topk_group} groups kept",
+    )
 
 
 def load_config(path: str | Path) -> ModelConfig:
+    """Read and normalize ``path`` (a config.json)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: not found; a DeepSeek checkpoint needs config.json beside its weights")
     try:
-        raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read: {exc}") from exc
-    except json.JSONDecodeError as exc:
+        raw = json.loads(path.read_bytes())
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ConfigError(f"{path}: invalid JSON: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
     return config_from_dict(raw, str(path))

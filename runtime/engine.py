@@ -97,8 +97,7 @@ def load_engine(path: str | Path, *, threads: int | None = None) -> Engine:
     if suffix == ".onnx":
         return OnnxEngine(path, threads=threads)
     if suffix in (".plan", ".engine"):
-        raise EngineError(
-            f"{path}: TensorRT engines need the 'tensorrt' package and an NVIDIA GPU "
-            "(pip install 'dsc[tensorrt]' on such a machine); compile with -o model.onnx to run here"
-        )
+        from dsc.runtime.tensorrt_engine import TensorRTEngine
+
+        return TensorRTEngine(path)
     raise EngineError(f"{path}: unknown engine type '{suffix}' (expected .onnx, .plan or .engine)")

@@ -1,0 +1,657 @@
+"""The TensorRT backend: the ONNX flavour it parses, profiles, the build driver, and the runtime engine.
+
+Always run (no TensorRT, no GPU needed): the TensorRT-flavour ONNX of the tiny preset (fp32 and FP8) and of
+transformers-saved checkpoints stays inside the kept support list, passes the ONNX checker (full) and strict
+shape inference, and run by onnxruntime matches transformers within 1e-4 relative on prefill and decode;
+profile flags; the missing-TensorRT error; and build_engine + TensorRTEngine + generate end to end against a
+stand-in ``tensorrt`` module that executes the plan with onnxruntime on CPU (it checks the API calls, the
+manifest, the timing cache and the buffer plumbing, not TensorRT's numerics).
+
+Only where ``tensorrt`` imports and CUDA is available: real plans for the tiny preset in fp32 (1e-3) and bf16
+(2e-2 relative) against transformers through TensorRTEngine and runtime.generate.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import sys
+import types
+from dataclasses import dataclass
+from pathlib import Path
+
+import dsc.backends.tensorrt as tensorrt_backend
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from dsc.backends.onnx import lower_to_onnx
+from dsc.backends.onnx_io import ONNX_DTYPES, save_model
+from dsc.backends.tensorrt import Profiles, build_engine, profiles_from_flags, tensorrt_onnx
+from dsc.backends.tensorrt_ops import OP_TYPES, TENSORRT_VERSION, check_model_supported
+from dsc.backends.tensorrt_support import HINT, require_tensorrt
+from dsc.errors import CompileError, EngineError
+from dsc.frontends.loader import load_graph
+from dsc.frontends.presets import make_model
+from dsc.passes.manager import PassManager
+from dsc.passes.pipeline import build_pipeline
+from dsc.runtime.engine import read_manifest
+from dsc.runtime.generate import generate
+from dsc.runtime.tensorrt_engine import TensorRTEngine
+from hf_reference import hf_reference_logits, save_hf_checkpoint
+from onnx import TensorProto, helper
+
+PROMPT = [[1, 5, 9, 17, 33, 65, 127], [100, 3, 3, 42, 7, 0, 64]]
+DECODE_STEPS = 4
+RTOL = 1e-4
+# The tiny preset (v3: sigmoid noaux_tc over 2 groups) and two transformers-saved v2 configs: together every
+# routing branch the lowering has (grouped noaux_tc, group_limited_greedy, plain greedy softmax).
+CASES = ("tiny", "v2_group_limited_yarn", "v2_greedy_no_q_lora")
+
+
+@dataclass
+class Case:
+    name: str
+    ckpt: Path
+    graph: object
+    prefill: np.ndarray
+    steps: list[np.ndarray]
+    generated: list[list[int]]
+
+
+def compiled_graph(ckpt: Path):
+    _, graph = load_graph(ckpt)
+    return PassManager(build_pipeline(), emit=lambda _: None).run(graph)
+
+
+@pytest.fixture(scope="module", params=CASES)
+def case(request, tmp_path_factory) -> Case:
+    root = tmp_path_factory.mktemp(request.param)
+    if request.param == "tiny":
+        ckpt = make_model("tiny", root / "ckpt", seed=3, lm_head_scale=4.0)
+    else:
+        ckpt = save_hf_checkpoint(request.param, root / "ckpt")
+    prefill, steps, generated = hf_reference_logits(ckpt, PROMPT, DECODE_STEPS)
+    return Case(request.param, ckpt, compiled_graph(ckpt), prefill.numpy(), [s.numpy() for s in steps], generated)
+
+
+def rel_error(got: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.abs(np.asarray(got, dtype=np.float64) - ref).max() / np.abs(ref).max())
+
+
+def teacher_forced(step, empty: list, generated: list[list[int]], steps: int = DECODE_STEPS) -> list[np.ndarray]:
+    """Prefill PROMPT, then feed the reference's greedy tokens one at a time; logits of every step."""
+    ids = np.asarray(PROMPT, dtype=np.int64)
+    pos = np.broadcast_to(np.arange(ids.shape[1]), ids.shape).copy()
+    logits, past = step(ids, pos, empty)
+    out = [logits]
+    for i in range(steps):
+        tok = np.asarray([[row[i]] for row in generated], dtype=np.int64)
+        logits, past = step(tok, np.full((len(PROMPT), 1), ids.shape[1] + i, dtype=np.int64), past)
+        out.append(logits)
+    return out
+
+
+def assert_matches(case: Case, logits: list[np.ndarray], rtol: float) -> None:
+    assert rel_error(logits[0], case.prefill) <= rtol, f"{case.name}: prefill"
+    for i, (got, ref) in enumerate(zip(logits[1:], case.steps, strict=True)):
+        assert got.shape == ref.shape
+        assert rel_error(got, ref) <= rtol, f"{case.name}: decode step {i}"
+
+
+def onnxruntime_step(path: Path):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    caches = [i for i in session.get_inputs() if i.name.startswith("past_key_values.")]
+    outputs = ["logits"] + [c.name.replace("past_key_values.", "present.") for c in caches]
+
+    def step(ids, pos, past):
+        feeds = {"input_ids": ids, "position_ids": pos, **{c.name: p for c, p in zip(caches, past, strict=True)}}
+        logits, *present = session.run(outputs, feeds)
+        return logits, present
+
+    empty = [
+        np.zeros([len(PROMPT) if d == "batch" else 0 if d == "past" else d for d in c.shape], np.float32)
+        for c in caches
+    ]
+    return step, empty
+
+
+def write_tensorrt_onnx(graph, path: Path) -> onnx.ModelProto:
+    model, initializers = tensorrt_onnx(graph)
+    save_model(model, initializers, path)
+    return onnx.load(str(path))
+
+
+# -- the ONNX flavour --------------------------------------------------------------------------------
+def assert_parseable(model: onnx.ModelProto) -> None:
+    assert check_model_supported(model) == []
+    assert {n.domain for n in model.graph.node} <= {""}
+    assert {n.op_type for n in model.graph.node} <= set(OP_TYPES)
+    onnx.checker.check_model(model, full_check=True)
+    onnx.shape_inference.infer_shapes(model, strict_mode=True)
+
+
+def test_tensorrt_onnx_is_parseable_and_matches_transformers(case: Case, tmp_path: Path):
+    model = write_tensorrt_onnx(case.graph, tmp_path / "trt.onnx")
+    assert_parseable(model)
+    assert [o.version for o in model.opset_import] == [20]  # nothing blocked: the opset TensorRT 10.0 parses
+    step, empty = onnxruntime_step(tmp_path / "trt.onnx")
+    assert_matches(case, teacher_forced(step, empty, case.generated), RTOL)
+
+
+def test_fp8_weights_keep_their_blocked_dequantize(tmp_path: Path):
+    ckpt = make_model("tiny", tmp_path / "ckpt", seed=3, fp8=True)
+    graph = compiled_graph(ckpt)
+    model = write_tensorrt_onnx(graph, tmp_path / "trt.onnx")
+    assert_parseable(model)
+    assert [o.version for o in model.opset_import] == [21]  # block_size needs opset 21
+    dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    assert dq and all(any(a.name == "block_size" for a in n.attribute) for n in dq)
+    # Same numbers as the default ONNX engine (onnxruntime's MoE kernel), which the end-to-end tests check.
+    reference, inits = lower_to_onnx(graph)
+    save_model(reference, inits, tmp_path / "ref.onnx")
+    got, empty = onnxruntime_step(tmp_path / "trt.onnx")
+    ref, _ = onnxruntime_step(tmp_path / "ref.onnx")
+    tokens = [[5] * (DECODE_STEPS + 1)] * len(PROMPT)
+    for a, b in zip(teacher_forced(got, empty, tokens), teacher_forced(ref, empty, tokens), strict=True):
+        assert rel_error(a, b) <= RTOL
+
+
+# -- the support list ------------------------------------------------------------------------------
+def one_node_model(node, inputs, outputs, initializers=(), opset=21) -> onnx.ModelProto:
+    graph = helper.make_graph([node], "g", inputs, outputs, list(initializers))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def vi(name, dtype, shape):
+    return helper.make_tensor_value_info(name, dtype, shape)
+
+
+def test_onnxruntime_flavour_is_refused_for_its_moe_kernel(case: Case):
+    model, inits = lower_to_onnx(case.graph)  # default: com.microsoft MoE
+    problems = check_model_supported(model, declared=[(i.name, ONNX_DTYPES[i.dtype], i.shape) for i in inits])
+    assert any(p.startswith("op com.microsoft::MoE") and TENSORRT_VERSION in p for p in problems), problems
+
+
+def test_tensorrt_onnx_refuses_what_the_parser_would(monkeypatch, tmp_path: Path):
+    graph = compiled_graph(make_model("tiny", tmp_path / "ckpt", seed=3))
+    monkeypatch.setattr(tensorrt_backend, "lower_to_onnx", lambda g, **kw: lower_to_onnx(g))  # keeps the MoE op
+    with pytest.raises(CompileError, match=r"^the model needs ONNX that TensorRT cannot parse: op com\.microsoft::MoE"):
+        tensorrt_onnx(graph)
+
+
+def test_support_list_constraints():
+    x = vi("x", TensorProto.FLOAT, [2, 5000])
+    k = helper.make_tensor("k", TensorProto.INT64, [1], [4096])
+    topk = helper.make_node("TopK", ["x", "k"], ["v", "i"], name="t")
+    outs = [vi("v", TensorProto.FLOAT, [2, 4096]), vi("i", TensorProto.INT64, [2, 4096])]
+    assert check_model_supported(one_node_model(topk, [x], outs, [k])) == [
+        "node 't' (TopK): K=4096 must be less than 3840"
+    ]
+    k.int64_data[0] = 3839
+    assert check_model_supported(one_node_model(topk, [x], outs, [k])) == []
+    # K from the graph, not a constant
+    dyn = one_node_model(topk, [x, vi("k", TensorProto.INT64, [1])], outs)
+    assert check_model_supported(dyn) == ["node 't' (TopK): K must be a build-time constant"]
+
+    data, idx = vi("d", TensorProto.FLOAT, [4, 3]), vi("j", TensorProto.INT64, [2, 1])
+    scatter = helper.make_node("ScatterND", ["d", "j", "u"], ["o"], name="s", reduction="add")
+    model = one_node_model(
+        scatter, [data, idx, vi("u", TensorProto.FLOAT, [2, 3])], [vi("o", TensorProto.FLOAT, [4, 3])]
+    )
+    assert check_model_supported(model) == [
+        "node 's' (ScatterND): reduction must be none (TensorRT needs a plugin otherwise)"
+    ]
+
+    # FP8 blocks along one axis pass; along two they do not (the parser infers the blocks from the shapes).
+    w = helper.make_tensor("w", TensorProto.FLOAT8E4M3FN, [256, 4], [0.0] * 1024)
+    ok = helper.make_tensor("s", TensorProto.FLOAT, [2, 4], [1.0] * 8)
+    bad = helper.make_tensor("s", TensorProto.FLOAT, [2, 2], [1.0] * 4)
+    dq = helper.make_node("DequantizeLinear", ["w", "s"], ["y"], name="q", axis=0, block_size=128)
+    y = [vi("y", TensorProto.FLOAT, [256, 4])]
+    assert check_model_supported(one_node_model(dq, [], y, [w, ok])) == []
+    assert check_model_supported(one_node_model(dq, [], y, [w, bad])) == [
+        "node 'q' (DequantizeLinear): scale [2, 2] blocks input [256, 4] along 2 axes, not one"
+    ]
+    # FP8 anywhere but into DequantizeLinear, a double tensor, an op outside the list, a too-new opset
+    cast = helper.make_node("Cast", ["x"], ["z"], name="c", to=TensorProto.FLOAT8E4M3FN)
+    problems = check_model_supported(one_node_model(cast, [x], [vi("z", TensorProto.FLOAT8E4M3FN, [2, 5000])]))
+    assert problems == ["tensor 'z': FLOAT8E4M3FN is only supported into DequantizeLinear"]
+    erf = helper.make_node("Erf", ["a"], ["b"], name="e")
+    problems = check_model_supported(
+        one_node_model(erf, [vi("a", TensorProto.DOUBLE, [3])], [vi("b", TensorProto.DOUBLE, [3])], opset=25)
+    )
+    assert problems == [
+        "opset 25 is outside TensorRT 10.15's range (9, 24)",
+        "op Erf (1 node(s), first 'e') is not in TensorRT 10.15's ONNX support list",
+        "tensor 'a': dtype DOUBLE is not supported by TensorRT",
+        "tensor 'b': dtype DOUBLE is not supported by TensorRT",
+    ]
+    mm = helper.make_node("MatMul", ["a", "a2"], ["b"], name="m")
+    ints = [vi("a", TensorProto.INT64, [2, 2]), vi("a2", TensorProto.INT64, [2, 2])]
+    problems = check_model_supported(one_node_model(mm, ints, [vi("b", TensorProto.INT64, [2, 2])]))
+    assert problems == ["node 'm' (MatMul): INT64 is not a type TensorRT supports for MatMul"]
+
+
+# -- profiles --------------------------------------------------------------------------------------
+def test_profiles_cover_prefill_and_decode_in_one_profile():
+    p = profiles_from_flags(max_batch=4, max_seq_len=2048)
+    assert p == Profiles(1, 4, 4, 1, 1, 2048, 2047)
+    assert p.shapes_for("input_ids", ["batch", "seq"]) == ((1, 1), (4, 1), (4, 2048))
+    assert p.shapes_for("past_key_values.0.latent", ["batch", "past", 576]) == (
+        (1, 0, 576),
+        (4, 1023, 576),  # tuned for a decode step over a half-full cache
+        (4, 2047, 576),
+    )
+    prefill = profiles_from_flags(max_seq_len=512, opt_seq_len=128)
+    assert prefill.shapes_for("position_ids", ["batch", "seq"]) == ((1, 1), (1, 128), (1, 512))
+    assert prefill.shapes_for("past_key_values.0.key", ["batch", "past", 4, 24])[1] == (1, 0, 4, 24)
+    assert profiles_from_flags() == Profiles(1, 1, 1, 1, 1, 4096, 4095)
+    assert profiles_from_flags(max_seq_len=1).ranges()["past"] == (0, 0, 0)
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        ({"max_batch": 0}, "--max-batch must be a positive integer, not 0"),
+        ({"max_seq_len": -5}, "--max-seq-len must be a positive integer, not -5"),
+        ({"max_seq_len": 4.5}, "--max-seq-len must be a positive integer, not 4.5"),
+        ({"max_batch": True}, "--max-batch must be a positive integer, not True"),
+        ({"opt_seq_len": 0}, "--opt-seq-len must be a positive integer, not 0"),
+        ({"max_seq_len": 64, "opt_seq_len": 65}, "--opt-seq-len 65 is larger than --max-seq-len 64"),
+    ],
+)
+def test_bad_profile_flags_name_the_flag(flags, message):
+    with pytest.raises(CompileError) as err:
+        profiles_from_flags(**flags)
+    assert str(err.value) == message
+
+
+def test_profile_errors():
+    with pytest.raises(CompileError, match="dimension 'tokens' has no profile"):
+        profiles_from_flags().shapes_for("x", ["batch", "tokens"])
+    with pytest.raises(CompileError, match=r"profile seq: need 1 <= min <= opt <= max, got 1, 9, 8"):
+        Profiles(1, 1, 1, 1, 9, 8, 7)
+
+
+# -- without TensorRT ------------------------------------------------------------------------------
+def test_missing_tensorrt_is_a_one_line_compile_error(monkeypatch, tmp_path: Path):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt -> ImportError
+    with pytest.raises(CompileError) as err:
+        require_tensorrt()
+    assert "'tensorrt' package" in str(err.value) and HINT in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(CompileError, match="'tensorrt' package"):  # before any work
+        build_engine(None, tmp_path / "m.plan", profiles=profiles_from_flags())
+
+
+# -- build_engine and TensorRTEngine against a stand-in tensorrt module -------------------------------
+_ONNX_TO_FAKE = {
+    TensorProto.FLOAT: "float32",
+    TensorProto.INT64: "int64",
+    TensorProto.BOOL: "bool",
+    TensorProto.INT32: "int32",
+    TensorProto.FLOAT16: "float16",
+    TensorProto.BFLOAT16: "bfloat16",
+}
+
+
+def fake_tensorrt(record: dict) -> types.ModuleType:
+    """The slice of TensorRT 10's Python API that build_engine and TensorRTEngine call; the "plan" is the parsed
+    ONNX model with its weights inlined, executed by onnxruntime on host memory at the addresses given."""
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = "10.99-fake"
+    for name in ("float32", "float16", "bfloat16", "int64", "int32", "int8", "uint8", "bool"):
+        setattr(trt, name, name)
+    trt.BuilderFlag = types.SimpleNamespace(
+        FP16="FP16", BF16="BF16", FP8="FP8", TF32="TF32", PREFER_PRECISION_CONSTRAINTS="PREFER"
+    )
+    trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
+    trt.TensorIOMode = types.SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT")
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, severity):
+            pass
+
+    class Tensor:
+        def __init__(self, name, dtype):
+            self.name, self.dtype = name, dtype
+
+    class Layer:
+        def __init__(self, node, types_):
+            self.name, self.precision = node.name, None
+            self.outputs = [Tensor(o, _ONNX_TO_FAKE.get(types_.get(o), "float32")) for o in node.output]
+            self.num_outputs = len(self.outputs)
+
+        def get_output(self, i):
+            return self.outputs[i]
+
+        def set_output_type(self, i, dtype):
+            record.setdefault("output_types", []).append((self.name, i, dtype))
+
+    class Network:
+        model = None
+
+        @property
+        def num_inputs(self):
+            return len(self.model.graph.input)
+
+        def get_input(self, i):
+            return Tensor(self.model.graph.input[i].name, "?")
+
+        @property
+        def num_layers(self):
+            return len(self.layers)
+
+        def get_layer(self, i):
+            return self.layers[i]
+
+    class ParserError:
+        def __init__(self, node, name, op, desc):
+            self._v = (node, name, op, desc)
+
+        def node(self):
+            return self._v[0]
+
+        def node_name(self):
+            return self._v[1]
+
+        def node_operator(self):
+            return self._v[2]
+
+        def desc(self):
+            return self._v[3]
+
+    class OnnxParser:
+        def __init__(self, network, logger):
+            self.network, self.errors = network, []
+
+        def parse_from_file(self, path):
+            model = onnx.load(path)  # external data next to it, as TensorRT reads it
+            record["onnx_files"] = sorted(p.name for p in Path(path).parent.iterdir())
+            self.network.model = model
+            inferred = onnx.shape_inference.infer_shapes(model)
+            types_ = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
+            self.network.layers = [Layer(n, types_) for n in model.graph.node]
+            self.errors = [ParserError(*e) for e in record.get("parse_errors", [])]
+            return not self.errors
+
+        @property
+        def num_errors(self):
+            return len(self.errors)
+
+        def get_error(self, i):
+            return self.errors[i]
+
+    class TimingCache:
+        def __init__(self, data):
+            self.data = data
+
+        def serialize(self):
+            return b"fake-cache:" + str(record.get("builds", 0)).encode()
+
+    class Config:
+        def __init__(self):
+            self.flags, self.cache = set(), None
+            record["config"] = self
+
+        def set_memory_pool_limit(self, pool, size):
+            record["pool"] = (pool, size)
+
+        def set_flag(self, flag):
+            self.flags.add(flag)
+
+        def clear_flag(self, flag):
+            record.setdefault("cleared", set()).add(flag)
+
+        def add_optimization_profile(self, profile):
+            record["profile"] = profile.shapes
+
+        def create_timing_cache(self, data):
+            return TimingCache(bytes(data))
+
+        def set_timing_cache(self, cache, ignore_mismatch):
+            self.cache = cache
+            record.setdefault("timing_loaded", []).append(cache.data)
+            return cache.data == b"" or cache.data.startswith(b"fake-cache:")
+
+        def get_timing_cache(self):
+            return self.cache
+
+    class Profile:
+        def __init__(self):
+            self.shapes = {}
+
+        def set_shape(self, name, lo, opt, hi):
+            self.shapes[name] = (tuple(lo), tuple(opt), tuple(hi))
+
+    class Builder:
+        def __init__(self, logger):
+            pass
+
+        def create_network(self, flags):
+            record["network_flags"] = flags
+            return Network()
+
+        def create_builder_config(self):
+            return Config()
+
+        def create_optimization_profile(self):
+            return Profile()
+
+        def build_serialized_network(self, network, config):
+            record["builds"] = record.get("builds", 0) + 1
+            return network.model.SerializeToString()
+
+    class Context:
+        def __init__(self, engine):
+            self.engine, self.shapes, self.addresses = engine, {}, {}
+
+        def set_input_shape(self, name, shape):
+            self.shapes[name] = tuple(shape)
+            return True
+
+        def get_tensor_shape(self, name):
+            if name in self.shapes:
+                return self.shapes[name]
+            sizes = {}
+            for v in self.engine.model.graph.input:
+                for d, n in zip(v.type.tensor_type.shape.dim, self.shapes[v.name], strict=True):
+                    sizes[d.dim_param] = n
+            out = next(v for v in self.engine.model.graph.output if v.name == name)
+            return tuple(
+                d.dim_value if d.HasField("dim_value") else sum(sizes[t] for t in d.dim_param.split("+"))
+                for d in out.type.tensor_type.shape.dim
+            )
+
+        def set_tensor_address(self, name, address):
+            assert address, f"{name}: TensorRT needs a non-null address"
+            self.addresses[name] = address
+            return True
+
+        def _view(self, name, shape, dtype):
+            n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+            raw = (ctypes.c_char * max(n, 1)).from_address(self.addresses[name])
+            return np.frombuffer(raw, dtype=np.uint8, count=n).view(dtype).reshape(shape)
+
+        def execute_async_v3(self, stream_handle):
+            feeds = {i.name: self._view(i.name, self.shapes[i.name], _np_type(i.type)) for i in self.engine.inputs}
+            outs = self.engine.session.run(
+                [o.name for o in self.engine.outputs], {k: v.copy() for k, v in feeds.items()}
+            )
+            for o, value in zip(self.engine.outputs, outs, strict=True):
+                self._view(o.name, value.shape, value.dtype)[...] = value
+            record["steps"] = record.get("steps", 0) + 1
+            return True
+
+    def _np_type(ort_type: str):
+        return {"tensor(float)": np.float32, "tensor(int64)": np.int64}[ort_type]
+
+    class Engine:
+        def __init__(self, data):
+            self.model = onnx.load_from_string(data)
+            self.session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+            self.inputs, self.outputs = self.session.get_inputs(), self.session.get_outputs()
+            self.names = [v.name for v in (*self.inputs, *self.outputs)]
+
+        @property
+        def num_io_tensors(self):
+            return len(self.names)
+
+        def get_tensor_name(self, i):
+            return self.names[i]
+
+        def get_tensor_mode(self, name):
+            return "INPUT" if any(v.name == name for v in self.inputs) else "OUTPUT"
+
+        def get_tensor_dtype(self, name):
+            v = next(v for v in (*self.inputs, *self.outputs) if v.name == name)
+            return {"tensor(float)": "float32", "tensor(int64)": "int64"}[v.type]
+
+        def create_execution_context(self):
+            return Context(self)
+
+    class Runtime:
+        def __init__(self, logger):
+            pass
+
+        def deserialize_cuda_engine(self, data):
+            try:
+                return Engine(bytes(data))
+            except Exception:  # noqa: BLE001 (TensorRT answers None for a plan it cannot read)
+                return None
+
+    for cls in (Logger, OnnxParser, Builder, Runtime):
+        setattr(trt, cls.__name__, cls)
+    return trt
+
+
+@pytest.fixture
+def fake_trt(monkeypatch) -> dict:
+    record: dict = {}
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(record))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # require_tensorrt asks
+    return record
+
+
+def test_build_and_run_through_the_engine_interface(case: Case, fake_trt: dict, tmp_path: Path):
+    plan, cache = tmp_path / "model.plan", tmp_path / "timing.cache"
+    logs: list[str] = []
+    profiles = profiles_from_flags(max_batch=2, max_seq_len=32)
+    assert build_engine(case.graph, plan, profiles=profiles, timing_cache=cache, log=logs.append) == plan
+    assert fake_trt["network_flags"] == 0
+    assert fake_trt["onnx_files"] == ["model.onnx", "model.onnx.data"]  # weights as external data
+    assert fake_trt["pool"] == ("WORKSPACE", 4 << 30)
+    assert fake_trt["cleared"] == {"TF32"} and fake_trt["config"].flags == set()  # fp32 means fp32
+    latent = next(n for n in fake_trt["profile"] if n.startswith("past_key_values."))
+    assert fake_trt["profile"]["input_ids"] == ((1, 1), (2, 1), (2, 32))
+    assert [s[:2] for s in fake_trt["profile"][latent]] == [(1, 0), (2, 15), (2, 31)]
+    assert cache.read_bytes() == b"fake-cache:1" and fake_trt["timing_loaded"] == [b""]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.manifest.json", "model.plan", "timing.cache"]
+
+    manifest = read_manifest(plan)
+    assert manifest["backend"] == "tensorrt" and manifest["engine_file"] == "model.plan"
+    assert manifest["checksum"]["value"] == hashlib.sha256(plan.read_bytes()).hexdigest()
+    assert manifest["kv_cache"]["form"] == "latent" and manifest["model"]["config"]["vocab_size"]
+    trt_info = manifest["tensorrt"]
+    assert trt_info["version"] == "10.99-fake" and trt_info["precision"] == "fp32"
+    assert trt_info["workspace_bytes"] == 4 << 30 and trt_info["onnx_opset"] == 20
+    assert trt_info["profiles"]["max_past"] == 31 and trt_info["profile_shapes"]["input_ids"][2] == [2, 32]
+    assert trt_info["support_list"]["tensorrt"] == TENSORRT_VERSION
+
+    engine = TensorRTEngine(plan, device="cpu")
+    empty = [c.empty(len(PROMPT)) for c in engine.cache]  # numpy in, torch tensors back, as generate does
+    logits = teacher_forced(engine.step, empty, case.generated)
+    assert_matches(case, logits, RTOL)
+    assert generate(engine, PROMPT, DECODE_STEPS + 1).tokens == case.generated
+
+    with pytest.raises(EngineError, match=r"input_ids of shape \[3, 7\] is outside the engine's profile"):
+        engine.step(np.zeros((3, 7), np.int64), np.zeros((3, 7), np.int64), [c.empty(3) for c in engine.cache])
+
+
+def test_reduced_precision_flags_timing_cache_reuse_and_parser_errors(fake_trt: dict, tmp_path: Path):
+    ckpt = make_model("tiny", tmp_path / "ckpt", seed=3)
+    graph = compiled_graph(ckpt)
+    cache = tmp_path / "timing.cache"
+    cache.write_bytes(b"fake-cache:0")
+    logs: list[str] = []
+    build_engine(
+        graph,
+        tmp_path / "a.plan",
+        profiles=profiles_from_flags(),
+        precision="bf16",
+        workspace_bytes=1 << 30,
+        timing_cache=cache,
+        log=logs.append,
+    )
+    assert fake_trt["config"].flags == {"BF16", "PREFER"} and "cleared" not in fake_trt
+    assert fake_trt["timing_loaded"] == [b"fake-cache:0"] and any("12 bytes from" in line for line in logs)
+    routers = [f"{n.name}/" for n in graph.nodes if n.op.value == "moe_route"]
+    pinned = {name for name, _, dtype in fake_trt["output_types"] if dtype == "float32"}
+    assert all(name.startswith(tuple(routers)) for name in pinned)
+    assert all(any(name.startswith(r) for name in pinned) for r in routers) and routers
+    assert json.loads((tmp_path / "a.manifest.json").read_text())["tensorrt"]["precision"] == "bf16"
+
+    fake_trt["parse_errors"] = [(12, "layers.1.mlp/TopK", "TopK", "K too\nlarge"), (-1, "", "", "graph broken")]
+    logs.clear()
+    with pytest.raises(CompileError) as err:
+        build_engine(graph, tmp_path / "b.plan", profiles=profiles_from_flags(), log=logs.append)
+    assert str(err.value) == (
+        "TensorRT's ONNX parser refused the model: node 12 'layers.1.mlp/TopK' (TopK): K too large "
+        "(and 1 more, listed above)"
+    )
+    assert [line for line in logs if "parser:" in line] == [
+        "      parser: node 12 'layers.1.mlp/TopK' (TopK): K too large",
+        "      parser: graph broken",
+    ]
+    assert not (tmp_path / "b.plan").exists() and not (tmp_path / "b.manifest.json").exists()
+
+    with pytest.raises(CompileError, match="--precision must be one of fp32, fp16, bf16, not 'int8'"):
+        build_engine(graph, tmp_path / "c.plan", profiles=profiles_from_flags(), precision="int8")
+    with pytest.raises(CompileError, match="--workspace must be a positive number of bytes, not 0"):
+        build_engine(graph, tmp_path / "c.plan", profiles=profiles_from_flags(), workspace_bytes=0)
+
+
+def test_engine_without_tensorrt_is_an_engine_error(fake_trt: dict, monkeypatch, tmp_path: Path):
+    graph = compiled_graph(make_model("tiny", tmp_path / "ckpt", seed=3))
+    plan = build_engine(graph, tmp_path / "m.plan", profiles=profiles_from_flags(), log=lambda _: None)
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    with pytest.raises(EngineError, match=r"m\.plan: TensorRT engines need the 'tensorrt' package"):
+        TensorRTEngine(plan, device="cpu")
+
+
+# -- on a GPU with TensorRT ------------------------------------------------------------------------
+def _tensorrt_and_gpu() -> str | None:
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return "the 'tensorrt' package is not installed"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is visible"
+    return None
+
+
+@pytest.mark.parametrize("precision,rtol", [("fp32", 1e-3), ("bf16", 2e-2)])
+def test_tensorrt_plan_matches_transformers(precision: str, rtol: float, tmp_path: Path):
+    reason = _tensorrt_and_gpu()
+    if reason:
+        pytest.skip(f"needs TensorRT and a GPU: {reason}")
+    steps = 8
+    ckpt = make_model("tiny", tmp_path / "ckpt", seed=3, lm_head_scale=4.0)
+    prefill, ref_steps, generated = hf_reference_logits(ckpt, PROMPT, steps)
+    case = Case("tiny", ckpt, None, prefill.numpy(), [s.numpy() for s in ref_steps], generated)
+    plan = build_engine(
+        compiled_graph(ckpt),
+        tmp_path / "tiny.plan",
+        profiles=profiles_from_flags(2, 64),
+        precision=precision,
+        log=lambda _: None,
+    )
+    engine = TensorRTEngine(plan)
+    logits = teacher_forced(engine.step, [c.empty(len(PROMPT)) for c in engine.cache], generated, steps)
+    assert_matches(case, logits, rtol)
+    if precision == "fp32":  # bf16 may flip a near-tie argmax; its logits are checked above
+        assert generate(engine, PROMPT, steps + 1).tokens == generated
