@@ -194,6 +194,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pr.add_argument("-o", "--output", type=Path, required=True, help="expert_load.json to write")
 
+    pl = sub.add_parser(
+        "place",
+        help="balance routed experts over ranks (redundant hot experts)",
+        description="Compute a physical-to-logical expert placement from a measured load "
+        "(dsc profile, or a [layers, experts] JSON / .npy array from elsewhere), in DeepSeek "
+        "EPLB's layout: phy2log [layers][slots] (slot s lives on rank s // (slots/ranks)), "
+        "log2phy, logcnt, plus balance figures (max/mean rank load) before and after.",
+    )
+    pl.add_argument("--load", type=Path, required=True, help="expert_load.json (dsc profile) or a .npy/.json array")
+    pl.add_argument("--ranks", type=_positive, required=True)
+    pl.add_argument("--slots", type=_positive, required=True, help="physical expert slots (>= experts)")
+    pl.add_argument("--groups", type=_positive, default=1, help="expert groups (n_group) for hierarchical placement")
+    pl.add_argument("--nodes", type=_positive, default=1, help="nodes; groups stay within a node when it divides")
+    pl.add_argument("-o", "--output", type=Path, required=True, help="placement.json to write")
+
     m = sub.add_parser("make-model", help="write a random-weight checkpoint in the Hugging Face format")
     m.add_argument("preset", help="tiny or bench")
     m.add_argument("-o", "--output", type=Path, required=True, help="directory to create")
@@ -340,6 +355,21 @@ def cmd_profile(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_place(a: argparse.Namespace) -> int:
+    from dsc.backends.atomic import atomic_write_bytes
+    from dsc.passes.expert_placement import load_from_file, place_experts
+
+    load = load_from_file(a.load)
+    placement = place_experts(load, slots=a.slots, ranks=a.ranks, nodes=a.nodes, groups=a.groups)
+    atomic_write_bytes(a.output, (json.dumps(placement.to_json(), indent=1) + "\n").encode())
+    print(f"wrote {a.output}: {len(placement.phy2log)} layers, {a.slots} slots on {a.ranks} ranks")
+    for layer, (before, after, bound) in enumerate(
+        zip(placement.unbalanced, placement.balance, placement.lower_bound, strict=True)
+    ):
+        print(f"  layer {layer}: max/mean rank load {before:.3f} -> {after:.3f} (lower bound {bound:.3f})")
+    return 0
+
+
 def cmd_make_model(a: argparse.Namespace) -> int:
     from dsc.frontends.presets import PRESETS, make_model
 
@@ -358,6 +388,7 @@ COMMANDS = {
     "inspect": cmd_inspect,
     "verify": cmd_verify,
     "profile": cmd_profile,
+    "place": cmd_place,
     "make-model": cmd_make_model,
 }
 

@@ -84,9 +84,41 @@ def _model_text(path: Path, s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def placement_lines(p: dict[str, Any]) -> list[str]:
+    """Per layer: rank loads before/after balancing and the max/mean balance figure."""
+    lines = [f"  placement     {p.get('slots', len(p['phy2log'][0]))} slots on {p['ranks']} ranks"]
+    for layer, row in enumerate(p["phy2log"]):
+        replicas = len(row) - len(set(row))
+        text = f"    layer {layer}: {replicas} redundant slots"
+        if "balance" in p:
+            text += f", max/mean rank load {p['unbalanced'][layer]:.3f} -> {p['balance'][layer]:.3f}"
+            text += f" (bound {p['lower_bound'][layer]:.3f})"
+        lines.append(text)
+        if "rank_load" in p:
+            lines.append("      rank load " + " ".join(f"{x:.0f}" for x in p["rank_load"][layer]))
+    return lines
+
+
 def inspect_path(path: Path) -> tuple[dict[str, Any], str]:
     if path.suffix.lower() in (".onnx", ".plan", ".engine"):
         return _inspect_engine(path)
+    if (path / "ep.manifest.json").is_file():
+        from dsc.runtime.ep import read_ep_manifest
+
+        m = read_ep_manifest(path)
+        size = sum(f.stat().st_size for f in path.iterdir())
+        lines = [
+            f"{path}: dsc expert-parallel engine for {m['ranks']} ranks, {size / 2**20:.1f} MB, "
+            f"{len(m['segments'])} dense segments, {len(m['moe_layers'])} MoE layers",
+            *placement_lines(m["placement"]),
+        ]
+        return m, "\n".join(lines)
+    if path.suffix == ".json" and path.name != "config.json":
+        import json
+
+        data = json.loads(path.read_text())
+        if "phy2log" in data:
+            return data, "\n".join([f"{path}: expert placement", *placement_lines(data)])
     from dsc.frontends.trace import trace_model
 
     if path.name == "config.json" or (path.is_dir() and not any(path.glob("*.safetensors*"))):
