@@ -318,6 +318,8 @@ def _compile_ep(
     from dsc.backends.ep import load_placement, write_ep_engines
 
     placement = load_placement(options.placement) if options.placement is not None else None
+    if placement is not None:
+        graph.meta["placement"] = placement  # recorded in the IR; the manifest carries it too
     log(f"[3/4] lowering and writing {options.ep_size} ranks' engines to {output}/")
     created = not output.exists()
     base = build_manifest(graph, checkpoint, [], pm, "onnx")

@@ -92,3 +92,56 @@ def test_placement_must_fit_the_model(tmp_path):
     compile_quiet(ckpt, tmp_path / "ep", ep_size=2)
     with pytest.raises(EngineError, match="run it with --ep-size 2"):
         run_expert_parallel(tmp_path / "ep", 4, PROMPTS, 1)
+
+
+def test_profile_place_compile_run_round_trip(tmp_path, capsys):
+    """dsc profile -> dsc place -> dsc compile --ep-size --placement -> dsc run, and dsc inspect shows the balance."""
+    ckpt = save_hf_checkpoint("v3_yarn_grouped", tmp_path / "ckpt")
+    (tmp_path / "prompts.txt").write_text("1,5,9,17,33,65,127\n100,3,3,42,7,0,64\n")
+    assert (
+        main(["profile", str(ckpt), "--prompts", str(tmp_path / "prompts.txt"), "-o", str(tmp_path / "load.json")]) == 0
+    )
+    assert (
+        main(
+            [
+                "place",
+                "--load",
+                str(tmp_path / "load.json"),
+                "--ranks",
+                "2",
+                "--slots",
+                "10",
+                "--groups",
+                "2",
+                "-o",
+                str(tmp_path / "placement.json"),
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "max/mean rank load" in out
+    placement = json.loads((tmp_path / "placement.json").read_text())
+    assert len(placement["phy2log"]) == 2 and all(len(row) == 10 for row in placement["phy2log"])
+    assert all(b <= u + 1e-9 for b, u in zip(placement["balance"], placement["unbalanced"], strict=True))
+    assert (
+        main(
+            [
+                "compile",
+                str(ckpt),
+                "-o",
+                str(tmp_path / "ep"),
+                "--ep-size",
+                "2",
+                "--placement",
+                str(tmp_path / "placement.json"),
+                "-q",
+            ]
+        )
+        == 0
+    )
+    manifest = json.loads((tmp_path / "ep" / "ep.manifest.json").read_text())
+    assert manifest["placement"]["phy2log"] == placement["phy2log"]
+    assert main(["inspect", str(tmp_path / "ep")]) == 0
+    assert "2 redundant slots, max/mean rank load" in capsys.readouterr().out
+    assert_same(run_expert_parallel(tmp_path / "ep", 2, PROMPTS, STEPS, keep_logits=True), single_rank(ckpt, tmp_path))
