@@ -276,7 +276,7 @@ def compile_model(
             baseline,
             json.loads(manifest_path(output).read_text())["passes"],
         )
-    log("[3/4] lowering to ONNX opset")
+    log("[3/4] lowering to ONNX (opset 21)")
     onnx_model, initializers = lower_to_onnx(graph, producer_version=__version__, moe_lowering=options.moe_lowering)
     t = stage("lower", t)
     total = sum(_numel(i.shape) * _itemsize(i.dtype) for i in initializers)

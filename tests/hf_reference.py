@@ -8,6 +8,7 @@ import inspect
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
 _YARN = {
@@ -235,3 +236,23 @@ def hf_reference_logits(
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         generated.append(nxt)
     return prefill, steps, torch.cat(generated, dim=1).tolist()
+
+
+def rel_error(got, ref) -> float:
+    """max |got - ref| / max |ref|: the relative logit error every numerical test states its tolerance in."""
+    got, ref = np.asarray(got, dtype=np.float64), np.asarray(ref, dtype=np.float64)
+    return float(np.abs(got - ref).max() / np.abs(ref).max())
+
+
+def teacher_forced(step, empty: list, prompt: list[list[int]], generated: list[list[int]], steps: int):
+    """Prefill ``prompt`` through an engine-like ``step(ids, positions, past)``, then feed the reference's greedy
+    tokens one at a time through the returned cache; the logits of every step."""
+    ids = np.asarray(prompt, dtype=np.int64)
+    pos = np.broadcast_to(np.arange(ids.shape[1]), ids.shape).copy()
+    logits, past = step(ids, pos, empty)
+    out = [logits]
+    for i in range(steps):
+        tok = np.asarray([[row[i]] for row in generated], dtype=np.int64)
+        logits, past = step(tok, np.full((len(prompt), 1), ids.shape[1] + i, dtype=np.int64), past)
+        out.append(logits)
+    return out

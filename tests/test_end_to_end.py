@@ -15,10 +15,17 @@ from dsc.frontends.loader import load_graph
 from dsc.ir import Interpreter
 from dsc.runtime.engine import OnnxEngine
 from dsc.runtime.generate import generate
-from hf_reference import HF_CONFIGS, hf_reference_logits, save_hf_checkpoint
+from hf_reference import HF_CONFIGS, hf_reference_logits, rel_error, save_hf_checkpoint
+from hf_reference import teacher_forced as forced
 
 PROMPT = [[1, 5, 9, 17, 33, 65, 127], [100, 3, 3, 42, 7, 0, 64]]
 DECODE_STEPS = 16
+
+
+def teacher_forced(step, empty: list, generated: list[list[int]], steps: int = DECODE_STEPS) -> list[np.ndarray]:
+    return forced(step, empty, PROMPT, generated, steps)
+
+
 RTOL = 1e-4
 
 
@@ -36,23 +43,6 @@ def case(request, tmp_path_factory) -> Case:
     ckpt = save_hf_checkpoint(request.param, tmp_path_factory.mktemp(request.param) / "ckpt")
     prefill, steps, generated = hf_reference_logits(ckpt, PROMPT, DECODE_STEPS)
     return Case(request.param, ckpt, prefill.numpy(), [s.numpy() for s in steps], generated)
-
-
-def rel_error(got: np.ndarray, ref: np.ndarray) -> float:
-    return float(np.abs(got - ref).max() / np.abs(ref).max())
-
-
-def teacher_forced(step, cache_empty, generated: list[list[int]]) -> list[np.ndarray]:
-    """Prefill PROMPT, then feed transformers' greedy tokens one by one; returns logits per step."""
-    ids = np.asarray(PROMPT, dtype=np.int64)
-    pos = np.broadcast_to(np.arange(ids.shape[1]), ids.shape).copy()
-    logits, past = step(ids, pos, cache_empty)
-    out = [logits]
-    for i in range(DECODE_STEPS):
-        tok = np.asarray([[row[i]] for row in generated], dtype=np.int64)
-        logits, past = step(tok, np.full((len(PROMPT), 1), ids.shape[1] + i, dtype=np.int64), past)
-        out.append(logits)
-    return out
 
 
 def check_against_reference(case: Case, logits: list[np.ndarray]) -> None:

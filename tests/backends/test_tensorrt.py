@@ -40,11 +40,18 @@ from dsc.passes.pipeline import build_pipeline
 from dsc.runtime.engine import read_manifest
 from dsc.runtime.generate import generate
 from dsc.runtime.tensorrt_engine import TensorRTEngine
-from hf_reference import hf_reference_logits, save_hf_checkpoint
+from hf_reference import hf_reference_logits, rel_error, save_hf_checkpoint
+from hf_reference import teacher_forced as forced
 from onnx import TensorProto, helper
 
 PROMPT = [[1, 5, 9, 17, 33, 65, 127], [100, 3, 3, 42, 7, 0, 64]]
 DECODE_STEPS = 4
+
+
+def teacher_forced(step, empty: list, generated: list[list[int]], steps: int = DECODE_STEPS) -> list[np.ndarray]:
+    return forced(step, empty, PROMPT, generated, steps)
+
+
 RTOL = 1e-4
 # The tiny preset (v3: sigmoid noaux_tc over 2 groups) and two transformers-saved v2 configs: together every
 # routing branch the lowering has (grouped noaux_tc, group_limited_greedy, plain greedy softmax).
@@ -75,23 +82,6 @@ def case(request, tmp_path_factory) -> Case:
         ckpt = save_hf_checkpoint(request.param, root / "ckpt")
     prefill, steps, generated = hf_reference_logits(ckpt, PROMPT, DECODE_STEPS)
     return Case(request.param, ckpt, compiled_graph(ckpt), prefill.numpy(), [s.numpy() for s in steps], generated)
-
-
-def rel_error(got: np.ndarray, ref: np.ndarray) -> float:
-    return float(np.abs(np.asarray(got, dtype=np.float64) - ref).max() / np.abs(ref).max())
-
-
-def teacher_forced(step, empty: list, generated: list[list[int]], steps: int = DECODE_STEPS) -> list[np.ndarray]:
-    """Prefill PROMPT, then feed the reference's greedy tokens one at a time; logits of every step."""
-    ids = np.asarray(PROMPT, dtype=np.int64)
-    pos = np.broadcast_to(np.arange(ids.shape[1]), ids.shape).copy()
-    logits, past = step(ids, pos, empty)
-    out = [logits]
-    for i in range(steps):
-        tok = np.asarray([[row[i]] for row in generated], dtype=np.int64)
-        logits, past = step(tok, np.full((len(PROMPT), 1), ids.shape[1] + i, dtype=np.int64), past)
-        out.append(logits)
-    return out
 
 
 def assert_matches(case: Case, logits: list[np.ndarray], rtol: float) -> None:
