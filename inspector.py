@@ -15,18 +15,23 @@ def _fmt_count(n: int) -> str:
     return str(n)
 
 
+class _NotLoaded:
+    """A weight known only by name and shape (config-only inspection never loads weights)."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def load(self):
+        raise DscError(f"{self.key}: config-only inspection has no weights")
+
+    def describe(self) -> str:
+        return f"<{self.key}>"
+
+
 def _shape_only_provider(key, shape):
-    from dsc.ir.graph import Constant  # noqa: F401  (the source is never loaded)
     from dsc.ir.types import DType
 
-    class _NotLoaded:
-        def load(self):
-            raise DscError(f"{key}: config-only inspection has no weights")
-
-        def describe(self) -> str:
-            return f"<{key}>"
-
-    return DType.F32, _NotLoaded()
+    return DType.F32, _NotLoaded(key)
 
 
 def model_summary(cfg, graph) -> dict[str, Any]:

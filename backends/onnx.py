@@ -513,7 +513,3 @@ def lower_to_onnx(
     )
     model.ir_version = 10
     return model, e.initializers
-
-
-def weight_layout_note() -> str:
-    return "linear and router weights stored transposed [in, out]; embeddings [vocab, hidden]"

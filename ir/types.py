@@ -85,10 +85,6 @@ def dim_add(*dims: Dim) -> Dim:
     return "+".join(parts)
 
 
-def is_static(dim: Dim) -> bool:
-    return isinstance(dim, int)
-
-
 @dataclass(frozen=True, slots=True)
 class TensorType:
     dtype: DType
