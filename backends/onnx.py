@@ -123,7 +123,7 @@ def _head_linear(e: _Emitter, n: Node, ins: list[str]) -> list[str]:
 
 def _rms_norm(e: _Emitter, n: Node, ins: list[str]) -> list[str]:
     x, w = ins
-    sq = e.emit("Mul", [x, x], name=n.name)
+    sq = e.emit("Pow", [x, e.f32(2.0)], name=n.name)  # Pow, not Mul: onnxruntime fuses this RMSNorm form
     ms = e.emit("ReduceMean", [sq, e.i64([-1])], name=n.name, keepdims=1)
     denom = e.emit("Sqrt", [e.emit("Add", [ms, e.f32(n.attrs["eps"])], name=n.name)], name=n.name)
     normed = e.emit("Div", [x, denom], name=n.name)
