@@ -357,7 +357,7 @@ def cmd_profile(a: argparse.Namespace) -> int:
 
 def cmd_place(a: argparse.Namespace) -> int:
     from dsc.backends.atomic import atomic_write_bytes
-    from dsc.passes.expert_placement import load_from_file, place_experts
+    from dsc.passes.placement_search import load_from_file, place_experts
 
     load = load_from_file(a.load)
     placement = place_experts(load, slots=a.slots, ranks=a.ranks, nodes=a.nodes, groups=a.groups)
