@@ -121,9 +121,19 @@ def inspect_path(path: Path) -> tuple[dict[str, Any], str]:
     if path.suffix == ".json" and path.name != "config.json":
         import json
 
-        data = json.loads(path.read_text())
-        if "phy2log" in data:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise DscError(f"{path}: cannot read JSON: {exc}") from exc
+        if isinstance(data, dict) and "phy2log" in data:
             return data, "\n".join([f"{path}: expert placement", *placement_lines(data)])
+        if isinstance(data, dict) and "model_type" in data:  # a config.json under another name
+            from dsc.frontends.config import config_from_dict
+            from dsc.frontends.trace import trace_model
+
+            cfg = config_from_dict(data, str(path))
+            info = model_summary(cfg, trace_model(cfg, _shape_only_provider))
+            return info, _model_text(path, info)
     from dsc.frontends.trace import trace_model
 
     if path.name == "config.json" or (path.is_dir() and not any(path.glob("*.safetensors*"))):

@@ -229,3 +229,14 @@ def test_quantize_flags_and_report(tmp_path, capsys):
     )
     assert code == 2 and "bad.txt" in err
     assert not (tmp_path / "q2.onnx").exists()
+
+
+def test_inspect_a_bare_config(tmp_path, capsys):
+    cfg = json.loads((Path(__file__).parent / "frontends" / "deepseek_v3_config.json").read_text())
+    (tmp_path / "v3.json").write_text(json.dumps(dict(cfg, num_hidden_layers=4)))
+    code, out, _ = run_cli(capsys, "inspect", str(tmp_path / "v3.json"))
+    assert code == 0
+    assert "3 dense" in out and "softmax scale 0.1352338" in out and "(71.1x)" in out
+    (tmp_path / "bad.json").write_text("{")
+    code, _, err = run_cli(capsys, "inspect", str(tmp_path / "bad.json"))
+    assert code == 2 and "bad.json" in err
