@@ -46,6 +46,7 @@ class _Emitter:
     nodes: list[onnx.NodeProto] = field(default_factory=list)
     initializers: list[Initializer] = field(default_factory=list)
     moe_lowering: str = "contrib"
+    rope_tables: dict[tuple, tuple[str, str]] = field(default_factory=dict)
     _consts: dict[tuple, str] = field(default_factory=dict)
     _names: set[str] = field(default_factory=set)
     _owned: dict[tuple, str] = field(default_factory=dict)
@@ -130,35 +131,44 @@ def _rms_norm(e: _Emitter, n: Node, ins: list[str]) -> list[str]:
     return [e.emit("Mul", [normed, w], name=n.name, outputs=[n.output.name])]
 
 
+def _rotation(half: int, interleaved: bool) -> np.ndarray:
+    """R with x @ R = the rotated partner of every element: (-x[2i+1], x[2i]) per pair when interleaved (DeepSeek),
+    (-x[i+h], x[i]) in rotate_half order otherwise. Entries are 0 and +-1, so the product is exact."""
+    r = np.zeros((2 * half, 2 * half), dtype=np.float32)
+    for i in range(half):
+        a, b = (2 * i, 2 * i + 1) if interleaved else (i, i + half)
+        r[b, a], r[a, b] = -1.0, 1.0
+    return r
+
+
 def _rope(e: _Emitter, n: Node, ins: list[str]) -> list[str]:
+    """x * cos + (x @ R) * sin, with cos/sin over the full head dim computed once per graph and shared by every
+    rope of the same positions and frequencies (four kernels per rope instead of about twenty)."""
     x, pos = ins
     a, rank = n.attrs, n.inputs[0].type.rank
     half = len(a["inv_freq"])
-    posf = e.emit("Unsqueeze", [e.emit("Cast", [pos], name=n.name, to=TensorProto.FLOAT), e.i64([-1])], name=n.name)
-    freqs = e.emit("Mul", [posf, e.f32(a["inv_freq"], "inv_freq")], name=n.name)  # [b, s, d/2]
-    if rank == 4:
-        freqs = e.emit("Unsqueeze", [freqs, e.i64([2])], name=n.name)
-    cos = e.emit("Cos", [freqs], name=n.name)
-    sin = e.emit("Sin", [freqs], name=n.name)
-    if a["scaling"] != 1.0:
-        cos = e.emit("Mul", [cos, e.f32(a["scaling"])], name=n.name)
-        sin = e.emit("Mul", [sin, e.f32(a["scaling"])], name=n.name)
-    lead = [0] * (rank - 1)
-    if a["interleaved"]:  # pairs (x[2i], x[2i+1]): view [..., d/2, 2], rotate, view back
-        pairs = e.emit("Reshape", [x, e.i64(lead + [half, 2])], name=n.name)
-        x1, x2 = e.emit("Split", [pairs, e.i64([1, 1])], 2, name=n.name, axis=-1)
-        x1 = e.emit("Squeeze", [x1, e.i64([-1])], name=n.name)
-        x2 = e.emit("Squeeze", [x2, e.i64([-1])], name=n.name)
-    else:
-        x1, x2 = e.emit("Split", [x, e.i64([half, half])], 2, name=n.name, axis=-1)
-    r1 = e.emit("Sub", [e.emit("Mul", [x1, cos], name=n.name), e.emit("Mul", [x2, sin], name=n.name)], name=n.name)
-    r2 = e.emit("Add", [e.emit("Mul", [x2, cos], name=n.name), e.emit("Mul", [x1, sin], name=n.name)], name=n.name)
-    if a["interleaved"]:
-        r1 = e.emit("Unsqueeze", [r1, e.i64([-1])], name=n.name)
-        r2 = e.emit("Unsqueeze", [r2, e.i64([-1])], name=n.name)
-        stacked = e.emit("Concat", [r1, r2], name=n.name, axis=-1)
-        return [e.emit("Reshape", [stacked, e.i64(lead + [2 * half])], name=n.name, outputs=[n.output.name])]
-    return [e.emit("Concat", [r1, r2], name=n.name, axis=-1, outputs=[n.output.name])]
+    key = (pos, a["inv_freq"], a["scaling"], a["interleaved"], rank)
+    if key not in e.rope_tables:
+        inv = np.repeat(a["inv_freq"], 2) if a["interleaved"] else np.tile(a["inv_freq"], 2)
+        posf = e.emit("Unsqueeze", [e.emit("Cast", [pos], name=n.name, to=TensorProto.FLOAT), e.i64([-1])], name=n.name)
+        freqs = e.emit("Mul", [posf, e.f32(inv, "inv_freq")], name=n.name)  # [b, s, d]
+        if rank == 4:
+            freqs = e.emit("Unsqueeze", [freqs, e.i64([2])], name=n.name)  # [b, s, 1, d]
+        cos, sin = e.emit("Cos", [freqs], name=n.name), e.emit("Sin", [freqs], name=n.name)
+        if a["scaling"] != 1.0:
+            cos = e.emit("Mul", [cos, e.f32(a["scaling"])], name=n.name)
+            sin = e.emit("Mul", [sin, e.f32(a["scaling"])], name=n.name)
+        e.rope_tables[key] = (cos, sin)
+    cos, sin = e.rope_tables[key]
+    rotated = e.emit("MatMul", [x, e.f32(_rotation(half, a["interleaved"]), "rope_rotation")], name=n.name)
+    return [
+        e.emit(
+            "Add",
+            [e.emit("Mul", [x, cos], name=n.name), e.emit("Mul", [rotated, sin], name=n.name)],
+            name=n.name,
+            outputs=[n.output.name],
+        )
+    ]
 
 
 def _attention(e: _Emitter, n: Node, ins: list[str]) -> list[str]:
