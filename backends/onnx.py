@@ -47,6 +47,7 @@ class _Emitter:
     initializers: list[Initializer] = field(default_factory=list)
     moe_lowering: str = "contrib"
     rope_tables: dict[tuple, tuple[str, str]] = field(default_factory=dict)
+    masks: dict[tuple, str] = field(default_factory=dict)
     _consts: dict[tuple, str] = field(default_factory=dict)
     _names: set[str] = field(default_factory=set)
     _owned: dict[tuple, str] = field(default_factory=dict)
@@ -177,14 +178,18 @@ def _attention(e: _Emitter, n: Node, ins: list[str]) -> list[str]:
     kt = e.emit("Transpose", [k], name=n.name, perm=[0, 2, 3, 1])  # [b, h, d, T]
     vh = e.emit("Transpose", [v], name=n.name, perm=[0, 2, 1, 3])  # [b, h, T, dv]
     scores = e.emit("Mul", [e.emit("MatMul", [qh, kt], name=n.name), e.f32(n.attrs["scale"])], name=n.name)
-    # Causal mask with the cache in front: key j is hidden from query i when j > (T - s) + i.
-    s_len = e.emit("Gather", [e.emit("Shape", [q], name=n.name), e.i64(1)], name=n.name, axis=0)
-    t_len = e.emit("Gather", [e.emit("Shape", [k], name=n.name), e.i64(1)], name=n.name, axis=0)
-    zero, one = e.i64(0), e.i64(1)
-    offset = e.emit("Sub", [t_len, s_len], name=n.name)
-    rows = e.emit("Add", [e.emit("Range", [zero, s_len, one], name=n.name), offset], name=n.name)
-    cols = e.emit("Range", [zero, t_len, one], name=n.name)
-    hidden = e.emit("Greater", [cols, e.emit("Unsqueeze", [rows, e.i64([1])], name=n.name)], name=n.name)
+    # Causal mask with the cache in front: key j is hidden from query i when j > (T - s) + i. Every attention
+    # with the same symbolic (s, T) shares one mask.
+    key = (n.inputs[0].type.shape[1], n.inputs[1].type.shape[1])
+    if key not in e.masks:
+        s_len = e.emit("Gather", [e.emit("Shape", [q], name=n.name), e.i64(1)], name=n.name, axis=0)
+        t_len = e.emit("Gather", [e.emit("Shape", [k], name=n.name), e.i64(1)], name=n.name, axis=0)
+        zero, one = e.i64(0), e.i64(1)
+        offset = e.emit("Sub", [t_len, s_len], name=n.name)
+        rows = e.emit("Add", [e.emit("Range", [zero, s_len, one], name=n.name), offset], name=n.name)
+        cols = e.emit("Range", [zero, t_len, one], name=n.name)
+        e.masks[key] = e.emit("Greater", [cols, e.emit("Unsqueeze", [rows, e.i64([1])], name=n.name)], name=n.name)
+    hidden = e.masks[key]
     masked = e.emit("Where", [hidden, e.f32(-np.inf), scores], name=n.name)
     probs = e.emit("Softmax", [masked], name=n.name, axis=-1)
     out = e.emit("MatMul", [probs, vh], name=n.name)
