@@ -24,7 +24,10 @@ def check_writable_dir(path: Path) -> None:
 @contextlib.contextmanager
 def atomic_output(path: Path) -> Iterator[Path]:
     """Yield a temporary path; on success it replaces ``path``, on any failure it is removed."""
+    path = Path(path)
     check_writable_dir(path)
+    if path.is_dir():
+        raise CompileError(f"{path}: is a directory, not a file name")
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
@@ -36,6 +39,7 @@ def atomic_output(path: Path) -> Iterator[Path]:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """``path.write_bytes(data)``, except that readers see the old file or the new one, never a part."""
     with atomic_output(path) as tmp:
         tmp.write_bytes(data)
 
