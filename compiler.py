@@ -130,10 +130,6 @@ def kv_bytes_per_token(graph: Graph) -> int:
     return total
 
 
-def _io(values) -> list[dict[str, Any]]:
-    return [{"name": v.name, "dtype": v.type.dtype.value, "shape": list(v.type.shape)} for v in values]
-
-
 _KV_LAYOUTS = {
     "naive": "per layer key [batch, past, heads, qk_head_dim] and value [batch, past, heads, v_head_dim]",
     "latent": "per layer one latent [batch, past, kv_lora_rank + qk_rope_head_dim]: normalized c_kv then rotated k_pe",
@@ -151,7 +147,7 @@ def build_manifest(graph: Graph, checkpoint, files: list[Path], pm: PassManager,
         "engine_file": files[0].name if files else None,
         "data_files": [p.name for p in files[1:]],
         "model": {"config": cfg.to_dict()},
-        "io": {"inputs": _io(graph.inputs), "outputs": _io(graph.outputs)},
+        "io": {"inputs": [v.describe() for v in graph.inputs], "outputs": [v.describe() for v in graph.outputs]},
         "kv_cache": {
             "form": graph.meta.get("kv_cache_form", "naive"),
             "layout": _KV_LAYOUTS[graph.meta.get("kv_cache_form", "naive")],
@@ -279,7 +275,7 @@ def compile_model(
     log("[3/4] lowering to ONNX (opset 21)")
     onnx_model, initializers = lower_to_onnx(graph, producer_version=__version__, moe_lowering=options.moe_lowering)
     t = stage("lower", t)
-    total = sum(_numel(i.shape) * _itemsize(i.dtype) for i in initializers)
+    total = sum(i.nbytes for i in initializers)
     log(f"[4/4] writing {output} ({total / 2**20:.1f} MB of weights)")
     last = [0]
 
@@ -370,16 +366,3 @@ def _report(graph: Graph, unquantized: Graph, output: Path, prompts: list[list[i
             f"report: {len(prompts)} calibration prompts: max relative logit error {rel:.3g}, top-1 agreement "
             f"{agree:.2%} (engine vs the unquantized reference)"
         )
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def _itemsize(dtype) -> int:
-    import torch
-
-    return torch.empty((), dtype=dtype).element_size()

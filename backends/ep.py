@@ -88,10 +88,6 @@ def experts_graph(full: Graph, node: Node, phy2log_rank: list[int]) -> Graph:
     return b.graph
 
 
-def _io(values) -> list[dict[str, Any]]:
-    return [{"name": v.name, "dtype": v.type.dtype.value, "shape": list(v.type.shape)} for v in values]
-
-
 def write_ep_engines(
     graph: Graph,
     out_dir: Path,
@@ -120,7 +116,11 @@ def write_ep_engines(
         model, inits = lower_to_onnx(seg, producer_version=__version__, moe_lowering=moe_lowering)
         files += save_model(model, inits, out_dir / f"segment{k}.onnx")
         segments.append(
-            {"file": f"segment{k}.onnx", "inputs": _io(seg.inputs), "outputs": [v.name for v in seg.outputs]}
+            {
+                "file": f"segment{k}.onnx",
+                "inputs": [v.describe() for v in seg.inputs],
+                "outputs": [v.name for v in seg.outputs],
+            }
         )
         log(f"      segment{k}.onnx: {len(seg.nodes)} IR nodes")
     slots_per_rank = len(placement["phy2log"][0]) // ranks

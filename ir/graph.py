@@ -102,6 +102,10 @@ class Value:
     def __str__(self) -> str:
         return f"%{self.name}"
 
+    def describe(self) -> dict[str, Any]:
+        """JSON form for manifests: name, dtype and shape (symbolic dims as strings)."""
+        return {"name": self.name, "dtype": self.type.dtype.value, "shape": list(self.type.shape)}
+
 
 @dataclass(frozen=True, slots=True)
 class Weight:

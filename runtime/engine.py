@@ -62,26 +62,31 @@ def cache_specs(manifest: dict[str, Any]) -> list[CacheSpec]:
     return [CacheSpec(c["input"], c["output"], tuple(c["shape"]), c["dtype"]) for c in manifest["kv_cache"]["tensors"]]
 
 
+def ort_session(path: Path, threads: int | None = None, providers: list[str] | None = None):
+    """An onnxruntime session for one dsc ONNX file (whole engines and expert-parallel pieces alike)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or min(os.cpu_count() or 1, 16)
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # onnxruntime keeps DequantizeLinear nodes out of constant folding (for its int8 QDQ fusions), which
+    # would dequantize every FP8 weight on every step: 7 vs 227 decode tok/s on the bench preset. dsc emits
+    # no QDQ activations, so fold the weights once at load instead (CPU has no FP8 GEMM to keep them for).
+    opts.add_session_config_entry("session.disable_quant_qdq", "1")
+    try:
+        return ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types for corrupt models
+        raise EngineError(f"{path}: onnxruntime cannot load the engine: {str(exc).splitlines()[0]}") from exc
+
+
 class OnnxEngine:
     """An ONNX engine run by onnxruntime (CPU by default; CUDA when onnxruntime-gpu is installed and asked)."""
 
     def __init__(self, path: Path, *, threads: int | None = None, providers: list[str] | None = None) -> None:
-        import onnxruntime as ort
-
         self.path = path
         self.manifest = read_manifest(path)
         self.cache = cache_specs(self.manifest)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or min(os.cpu_count() or 1, 16)
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # onnxruntime keeps DequantizeLinear nodes out of constant folding (for its int8 QDQ fusions), which
-        # would dequantize every FP8 weight on every step: 7 vs 227 decode tok/s on the bench preset. dsc emits
-        # no QDQ activations, so fold the weights once at load instead (CPU has no FP8 GEMM to keep them for).
-        opts.add_session_config_entry("session.disable_quant_qdq", "1")
-        try:
-            self.session = ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own exception types for corrupt models
-            raise EngineError(f"{path}: onnxruntime cannot load the engine: {str(exc).splitlines()[0]}") from exc
+        self.session = ort_session(path, threads, providers)
         self._outputs = ["logits"] + [c.output for c in self.cache]
 
     def step(self, input_ids: np.ndarray, position_ids: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, list]:

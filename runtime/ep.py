@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 from dsc.errors import EngineError
-from dsc.runtime.engine import CacheSpec, cache_specs
+from dsc.runtime.engine import CacheSpec, cache_specs, ort_session
 
 
 def read_ep_manifest(path: Path) -> dict[str, Any]:
@@ -33,15 +33,6 @@ def read_ep_manifest(path: Path) -> dict[str, Any]:
     if manifest.get("format") != "dsc-ep-engine":
         raise EngineError(f"{file}: not a dsc expert-parallel manifest")
     return manifest
-
-
-def _session(path: Path, threads: int):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.add_session_config_entry("session.disable_quant_qdq", "1")
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
 class EpEngine:
@@ -57,8 +48,8 @@ class EpEngine:
             raise EngineError(f"{self.dir}: compiled for {self.manifest['ranks']} ranks, running {world}")
         self._check_same_engine()
         self.cache: list[CacheSpec] = cache_specs(self.manifest)
-        self.segments = [_session(self.dir / s["file"], threads) for s in self.manifest["segments"]]
-        self.experts = [_session(self.dir / f, threads) for f in self.manifest["rank_files"][rank]]
+        self.segments = [ort_session(self.dir / s["file"], threads) for s in self.manifest["segments"]]
+        self.experts = [ort_session(self.dir / f, threads) for f in self.manifest["rank_files"][rank]]
         p = self.manifest["placement"]
         self.slots_per_rank = p["slots"] // world
         # per layer: expert -> its physical slots
