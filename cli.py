@@ -259,12 +259,12 @@ def _run_ep(a: argparse.Namespace) -> int:
     import os
 
     from dsc.runtime.ep import read_ep_manifest, run_expert_parallel, run_under_torchrun
+    from dsc.runtime.generate import check_prompt_ids
 
     manifest = read_ep_manifest(a.engine)
     if a.prompt is not None:
         raise DscError("--prompt is not supported for expert-parallel runs yet; use --prompt-ids")
-    if max(a.prompt_ids) >= manifest["model"]["config"]["vocab_size"]:
-        raise DscError(f"--prompt-ids: token id {max(a.prompt_ids)} is outside the vocabulary")
+    check_prompt_ids(a.prompt_ids, manifest["model"]["config"]["vocab_size"])
     if "WORLD_SIZE" in os.environ:
         result = run_under_torchrun(a.engine, [a.prompt_ids], a.max_new_tokens, timeout_s=a.timeout)
         if result is None:
@@ -290,7 +290,7 @@ def _print_generation(a: argparse.Namespace, result, prompt: list[int], tokenize
 
 def cmd_run(a: argparse.Namespace) -> int:
     from dsc.runtime.engine import load_engine
-    from dsc.runtime.generate import generate
+    from dsc.runtime.generate import check_prompt_ids, generate
     from dsc.runtime.tokenizer import load_tokenizer
 
     if a.engine.is_dir() or a.ep_size:
@@ -302,9 +302,7 @@ def cmd_run(a: argparse.Namespace) -> int:
         prompt = tokenizer.encode(a.prompt)
     else:
         prompt = a.prompt_ids
-    vocab = engine.manifest["model"]["config"]["vocab_size"]
-    if max(prompt) >= vocab:
-        raise DscError(f"--prompt-ids: token id {max(prompt)} is outside the vocabulary (size {vocab})")
+    check_prompt_ids(prompt, engine.manifest["model"]["config"]["vocab_size"])
     result = generate(engine, [prompt], a.max_new_tokens)
     tokens = result.tokens[0]
     if a.json:

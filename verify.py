@@ -41,6 +41,7 @@ def verify_engine(model: Path, engine_path: Path, *, prompt: Sequence[int] | Non
     from dsc.frontends.trace import empty_cache
     from dsc.ir.interpreter import Interpreter
     from dsc.runtime.engine import load_engine
+    from dsc.runtime.generate import check_prompt_ids
 
     engine = load_engine(engine_path)
     checkpoint, graph = load_graph(model)
@@ -49,8 +50,7 @@ def verify_engine(model: Path, engine_path: Path, *, prompt: Sequence[int] | Non
         raise DscError(f"{engine_path}: the engine was compiled from a model with a different config than {model}")
     if prompt is None:
         prompt = torch.randint(0, cfg.vocab_size, (16,), generator=torch.Generator().manual_seed(seed)).tolist()
-    if max(prompt) >= cfg.vocab_size:
-        raise DscError(f"--prompt-ids: token id {max(prompt)} is outside the vocabulary (size {cfg.vocab_size})")
+    check_prompt_ids(prompt, cfg.vocab_size)
     ref = Interpreter(graph)
     ref_past = empty_cache(graph, 1)
     eng_past = [c.empty(1) for c in engine.cache]
