@@ -227,7 +227,7 @@ def _log(quiet: bool):
 
 
 def cmd_compile(a: argparse.Namespace) -> int:
-    from dsc.compiler import CompileOptions, compile_model
+    from dsc.commands.compile import CompileOptions, compile_model
 
     opts = CompileOptions(
         passes=a.passes,
@@ -316,7 +316,7 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 
 def cmd_inspect(a: argparse.Namespace) -> int:
-    from dsc.inspector import inspect_path
+    from dsc.commands.inspect import inspect_path
 
     info, text = inspect_path(a.path)
     print(json.dumps(info, indent=2, sort_keys=True) if a.json else text)
@@ -324,7 +324,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 
 
 def cmd_verify(a: argparse.Namespace) -> int:
-    from dsc.verify import verify_engine
+    from dsc.commands.verify import verify_engine
 
     report = verify_engine(a.model, a.engine, prompt=a.prompt_ids, steps=a.steps, seed=a.seed)
     print(report.text())
@@ -338,7 +338,7 @@ def cmd_verify(a: argparse.Namespace) -> int:
 
 def cmd_profile(a: argparse.Namespace) -> int:
     from dsc.frontends.checkpoint import Checkpoint
-    from dsc.profile_experts import profile_expert_load, read_prompt_file, write_load
+    from dsc.commands.profile import profile_expert_load, read_prompt_file, write_load
 
     ckpt = Checkpoint.open(a.model)
     prompts = read_prompt_file(a.prompts, ckpt.config.vocab_size, ckpt.tokenizer_path)
@@ -354,8 +354,8 @@ def cmd_profile(a: argparse.Namespace) -> int:
 
 
 def cmd_place(a: argparse.Namespace) -> int:
-    from dsc.backends.atomic import atomic_write_bytes
-    from dsc.passes.placement_search import load_from_file, place_experts
+    from dsc.files import atomic_write_bytes
+    from dsc.placement.search import load_from_file, place_experts
 
     load = load_from_file(a.load)
     placement = place_experts(load, slots=a.slots, ranks=a.ranks, nodes=a.nodes, groups=a.groups)

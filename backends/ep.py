@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from dsc import __version__
-from dsc.backends.atomic import atomic_write_bytes, sha256_files
+from dsc.files import atomic_write_bytes, sha256_files
 from dsc.backends.onnx import lower_to_onnx
 from dsc.backends.onnx_io import save_model
 from dsc.errors import CompileError

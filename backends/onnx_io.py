@@ -16,7 +16,7 @@ from pathlib import Path
 
 import onnx
 import torch
-from dsc.backends.atomic import atomic_output, check_writable_dir
+from dsc.files import atomic_output, check_writable_dir
 from dsc.errors import CompileError
 from onnx import TensorProto
 

@@ -259,9 +259,9 @@ def build_engine(
     require_tensorrt()
     import tensorrt as trt
     from dsc import __version__
-    from dsc.backends.atomic import atomic_output, atomic_write_bytes, check_writable_dir
+    from dsc.files import atomic_output, atomic_write_bytes, check_writable_dir
     from dsc.backends.onnx_io import save_model
-    from dsc.compiler import build_manifest
+    from dsc.commands.compile import build_manifest
     from dsc.runtime.engine import manifest_path
 
     if precision not in PRECISIONS:

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from common import THREADS, DscRunner, HfRunner, bench_checkpoint, decode_tokens_per_s, prompt_ids
-from dsc.compiler import CompileOptions, compile_model
+from dsc.commands.compile import CompileOptions, compile_model
 from dsc.runtime.engine import OnnxEngine
 
 VARIANTS = {

@@ -14,7 +14,7 @@ import argparse
 import time
 
 import numpy as np
-from dsc.passes.placement_search import eplb_baseline, place_experts
+from dsc.placement.search import eplb_baseline, place_experts
 
 # (skew, experts, ranks, slots, groups, nodes); skew is "uniform", "zipf<s>" or "hot<share>"
 CASES = [

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from dsc.compiler import CompileOptions, compile_model
+from dsc.commands.compile import CompileOptions, compile_model
 from dsc.frontends.presets import make_model
 from dsc.runtime.engine import OnnxEngine
 

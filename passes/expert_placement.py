@@ -1,4 +1,4 @@
-"""The expert-placement pass: records a load-balanced placement (passes/placement_search.py, DESIGN.md §6) for
+"""The expert-placement pass: records a load-balanced placement (placement/search.py, DESIGN.md §6) for
 a profiled expert load in the IR, refusing when the load does not fit the graph's MoE layers."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 import numpy as np
 from dsc.ir.graph import Graph, Op
 from dsc.passes.base import PassResult
-from dsc.passes.placement_search import Placement, eplb_baseline, load_from_file, place_experts
+from dsc.placement.search import Placement, eplb_baseline, load_from_file, place_experts
 
 __all__ = ["ExpertPlacementPass", "Placement", "eplb_baseline", "load_from_file", "place_experts"]  # re-exported
 

@@ -9,7 +9,7 @@ import onnx
 import pytest
 import torch
 from dsc.backends.onnx_io import check_model
-from dsc.compiler import CompileOptions, compile_model
+from dsc.commands.compile import CompileOptions, compile_model
 from dsc.frontends.checkpoint import Checkpoint
 from dsc.frontends.presets import make_model
 from dsc.runtime.engine import OnnxEngine

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from dsc.compiler import CompileOptions, compile_model
+from dsc.commands.compile import CompileOptions, compile_model
 from dsc.frontends.loader import load_graph
 from dsc.ir import Interpreter
 from dsc.runtime.engine import OnnxEngine

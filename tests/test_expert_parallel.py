@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from dsc.cli import main
-from dsc.compiler import CompileOptions, compile_model
+from dsc.commands.compile import CompileOptions, compile_model
 from dsc.errors import CompileError, EngineError
 from dsc.runtime.engine import OnnxEngine
 from dsc.runtime.ep import run_expert_parallel

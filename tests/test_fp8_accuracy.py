@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from accuracy import next_token_eval, perplexity, token_windows, top1_agreement
-from dsc.compiler import CompileOptions, compile_model
+from dsc.commands.compile import CompileOptions, compile_model
 from dsc.ir.ops import dequantize
 from dsc.runtime.engine import OnnxEngine
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from accuracy import next_token_eval, perplexity, token_windows, top1_agreement
 from dsc.cli import main
-from dsc.compiler import CompileOptions, compile_model
+from dsc.commands.compile import CompileOptions, compile_model
 from dsc.runtime.engine import OnnxEngine
 from hf_reference import load_hf_model
 

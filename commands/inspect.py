@@ -35,7 +35,7 @@ def _shape_only_provider(key, shape):
 
 
 def model_summary(cfg, graph) -> dict[str, Any]:
-    from dsc.compiler import active_params, kv_bytes_per_token
+    from dsc.commands.compile import active_params, kv_bytes_per_token
 
     moe_layers = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
     absorbed = cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4

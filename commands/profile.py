@@ -79,6 +79,6 @@ def profile_expert_load(model: Path, prompts: list[list[int]], log: Callable[[st
 
 
 def write_load(result: dict, out: Path) -> None:
-    from dsc.backends.atomic import atomic_write_bytes
+    from dsc.files import atomic_write_bytes
 
     atomic_write_bytes(out, (json.dumps(result, indent=1) + "\n").encode())

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from dsc import __version__
-from dsc.backends.atomic import sha256_files
+from dsc.files import sha256_files
 from dsc.errors import CompileError
 from dsc.ir.graph import Graph, Op
 from dsc.passes.manager import PassManager
@@ -184,7 +184,7 @@ def compile_model(
     options: CompileOptions | None = None,
     log: Callable[[str], None] = print,
 ) -> CompileSummary:
-    from dsc.backends.atomic import atomic_write_bytes, check_writable_dir
+    from dsc.files import atomic_write_bytes, check_writable_dir
     from dsc.backends.onnx import lower_to_onnx
     from dsc.backends.onnx_io import save_model
     from dsc.frontends.loader import load_graph
@@ -218,7 +218,7 @@ def compile_model(
         raise CompileError(f"--quantize must be auto, fp8 or none, not '{options.quantize}'")
     prompts = None
     if options.calibration_prompts is not None:  # read before any work: a bad file must not cost a compile
-        from dsc.quant_report import read_prompts
+        from dsc.commands.quant_report import read_prompts
 
         prompts = read_prompts(options.calibration_prompts)
     checkpoint, graph = load_graph(model, keep_fp8=options.quantize != "none")
@@ -350,7 +350,7 @@ def _summary(output, files, graph, checkpoint, stages, peak, baseline, passes) -
 
 
 def _report(graph: Graph, unquantized: Graph, output: Path, prompts: list[list[int]] | None, log) -> None:
-    from dsc import quant_report
+    from dsc.commands import quant_report
     from dsc.runtime.engine import load_engine
 
     errors = quant_report.weight_errors(graph)

@@ -1,0 +1,1 @@
+"""The drivers behind each CLI verb (compile, verify, inspect, profile, quantization report)."""
