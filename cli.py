@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -22,13 +23,12 @@ examples:
 
 
 def _ids(text: str) -> list[int]:
+    from dsc.prompts import parse_ids
+
     try:
-        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of token ids") from None
-    if not ids or min(ids) < 0:
-        raise argparse.ArgumentTypeError(f"'{text}': need at least one non-negative token id")
-    return ids
+        return parse_ids(text, "token ids")
+    except DscError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("token ids: ")) from None
 
 
 def _positive(text: str) -> int:
@@ -41,8 +41,12 @@ def _positive(text: str) -> int:
     return value
 
 
-def _names(text: str) -> list[str]:
-    return [t for t in text.split(",") if t]
+def _pass_option(text: str) -> tuple[str, str, str]:
+    name, dot, rest = text.partition(".")
+    key, eq, value = rest.partition("=")
+    if not (name and dot and key and eq):
+        raise argparse.ArgumentTypeError(f"'{text}' is not PASS.OPTION=VALUE (e.g. mla-absorb.fold-q=true)")
+    return name, key, value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,7 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"dsc {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_compile, _add_run, _add_inspect, _add_verify, _add_profile, _add_place, _add_make_model):
+        add(sub)
+    return p
 
+
+def _add_compile(sub) -> None:
     c = sub.add_parser(
         "compile",
         help="compile a checkpoint into an engine",
@@ -67,7 +76,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("model", type=Path, help="checkpoint file, directory, or index json")
     c.add_argument("-o", "--output", type=Path, required=True, help="engine path (.onnx, .plan, .engine)")
     c.add_argument("--backend", choices=["onnx", "tensorrt"], help="override the backend chosen by the suffix")
-    c.add_argument("--passes", type=_names, metavar="A,B", help="run exactly these passes, in this order")
+    c.add_argument(
+        "--passes",
+        metavar="SPEC",
+        help="run exactly these passes, in this order, with options: 'mla-absorb{fold-q=true},expert-fusion,cleanup' "
+        "(passes: cleanup, expert-fusion, expert-placement, fp8-quantize, mla-absorb)",
+    )
+    c.add_argument(
+        "--pass-option",
+        action="append",
+        default=[],
+        type=_pass_option,
+        metavar="PASS.OPT=VALUE",
+        help="set one option of a pass in the pipeline (repeatable), e.g. mla-absorb.fold-o=true",
+    )
     c.add_argument(
         "--disable-pass",
         action="append",
@@ -138,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--timing-cache", type=Path, metavar="FILE", help="reuse and update a TensorRT timing cache")
     c.add_argument("-q", "--quiet", action="store_true", help="print only the closing summary")
 
+
+def _add_run(sub) -> None:
     r = sub.add_parser(
         "run",
         help="generate tokens with an engine",
@@ -159,10 +183,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--timeout", type=float, default=60.0, help="seconds before a stuck collective fails (EP runs)")
 
+
+def _add_inspect(sub) -> None:
     i = sub.add_parser("inspect", help="summarize a checkpoint, config.json or engine")
     i.add_argument("path", type=Path)
     i.add_argument("--json", action="store_true", help="machine-readable output")
 
+
+def _add_verify(sub) -> None:
     v = sub.add_parser(
         "verify",
         help="check an engine against the reference interpreter",
@@ -179,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--min-agreement", type=float, default=1.0, help="min greedy top-1 agreement (default 1.0)")
     v.add_argument("--seed", type=int, default=0)
 
+
+def _add_profile(sub) -> None:
     pr = sub.add_parser(
         "profile",
         help="count tokens per routed expert on calibration prompts",
@@ -194,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pr.add_argument("-o", "--output", type=Path, required=True, help="expert_load.json to write")
 
+
+def _add_place(sub) -> None:
     pl = sub.add_parser(
         "place",
         help="balance routed experts over ranks (redundant hot experts)",
@@ -209,29 +241,35 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--nodes", type=_positive, default=1, help="nodes; groups stay within a node when it divides")
     pl.add_argument("-o", "--output", type=Path, required=True, help="placement.json to write")
 
+
+def _add_make_model(sub) -> None:
     m = sub.add_parser("make-model", help="write a random-weight checkpoint in the Hugging Face format")
     m.add_argument("preset", help="tiny or bench")
     m.add_argument("-o", "--output", type=Path, required=True, help="directory to create")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--fp8", action="store_true", help="store linear weights as FP8 with 128x128 block scales")
     m.add_argument("--shards", type=_positive, default=1, help="write a sharded index checkpoint")
-    return p
 
 
-def _log(quiet: bool):
-    def log(msg: str) -> None:
-        if not quiet:
-            print(msg, file=sys.stderr, flush=True)
-
-    return log
+def _setup_logging(quiet: bool) -> None:
+    """Progress goes to stderr through the ``dsc`` logger (-q: warnings only); results go to stdout."""
+    log = logging.getLogger("dsc")
+    log.handlers[:] = [logging.StreamHandler(sys.stderr)]
+    log.handlers[0].setFormatter(logging.Formatter("%(message)s"))
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    log.propagate = False
 
 
 def cmd_compile(a: argparse.Namespace) -> int:
     from dsc.commands.compile import CompileOptions, compile_model
 
+    pass_options: dict[str, dict[str, str]] = {}
+    for name, key, value in a.pass_option:
+        pass_options.setdefault(name, {})[key] = value
     opts = CompileOptions(
         passes=a.passes,
         disable_passes=tuple(a.disable_pass),
+        pass_options=pass_options,
         backend=a.backend,
         print_ir_after_all=a.print_ir_after_all,
         print_ir_after_change=a.print_ir_after_change,
@@ -250,30 +288,8 @@ def cmd_compile(a: argparse.Namespace) -> int:
         workspace_bytes=a.workspace << 20,
         timing_cache=a.timing_cache,
     )
-    summary = compile_model(a.model, a.output, opts, log=_log(a.quiet))
+    summary = compile_model(a.model, a.output, opts)
     print("\n".join(summary.lines()))
-    return 0
-
-
-def _run_ep(a: argparse.Namespace) -> int:
-    import os
-
-    from dsc.runtime.ep import read_ep_manifest, run_expert_parallel, run_under_torchrun
-    from dsc.runtime.generate import check_prompt_ids
-
-    manifest = read_ep_manifest(a.engine)
-    if a.prompt is not None:
-        raise DscError("--prompt is not supported for expert-parallel runs yet; use --prompt-ids")
-    check_prompt_ids(a.prompt_ids, manifest["model"]["config"]["vocab_size"])
-    if "WORLD_SIZE" in os.environ:
-        result = run_under_torchrun(a.engine, [a.prompt_ids], a.max_new_tokens, timeout_s=a.timeout)
-        if result is None:
-            return 0  # not rank 0
-    else:
-        result = run_expert_parallel(
-            a.engine, a.ep_size or manifest["ranks"], [a.prompt_ids], a.max_new_tokens, timeout_s=a.timeout
-        )
-    _print_generation(a, result, a.prompt_ids, None)
     return 0
 
 
@@ -289,29 +305,32 @@ def _print_generation(a: argparse.Namespace, result, prompt: list[int], tokenize
 
 
 def cmd_run(a: argparse.Namespace) -> int:
-    from dsc.runtime.engine import load_engine
-    from dsc.runtime.generate import check_prompt_ids, generate
+    import os
+
+    from dsc.engine_format import read_manifest
+    from dsc.prompts import check_ids
+    from dsc.runtime.generate import generate
     from dsc.runtime.tokenizer import load_tokenizer
 
-    if a.engine.is_dir() or a.ep_size:
-        return _run_ep(a)
-    engine = load_engine(a.engine, threads=a.threads)
-    tokenizer = None
-    if a.prompt is not None:
-        tokenizer = load_tokenizer(a.engine, engine.manifest)
-        prompt = tokenizer.encode(a.prompt)
+    manifest = read_manifest(a.engine)
+    tokenizer = load_tokenizer(a.engine, manifest) if a.prompt is not None else None
+    prompt = tokenizer.encode(a.prompt) if tokenizer is not None else a.prompt_ids
+    check_ids([prompt], manifest.vocab_size, "--prompt" if tokenizer is not None else "--prompt-ids")
+    if manifest.expert_parallel is not None or a.ep_size:
+        from dsc.runtime.ep import run_expert_parallel, run_under_torchrun
+
+        if "WORLD_SIZE" in os.environ:
+            result = run_under_torchrun(a.engine, [prompt], a.max_new_tokens, timeout_s=a.timeout)
+            if result is None:
+                return 0  # not rank 0
+        else:
+            ranks = a.ep_size or (manifest.expert_parallel.ranks if manifest.expert_parallel else 1)
+            result = run_expert_parallel(a.engine, ranks, [prompt], a.max_new_tokens, timeout_s=a.timeout)
     else:
-        prompt = a.prompt_ids
-    check_prompt_ids(prompt, engine.manifest["model"]["config"]["vocab_size"])
-    result = generate(engine, [prompt], a.max_new_tokens)
-    tokens = result.tokens[0]
-    if a.json:
-        print(json.dumps({"tokens": tokens, "tokens_per_s": result.tokens_per_s, "prefill_s": result.prefill_s}))
-        return 0
-    print("tokens: " + ",".join(str(t) for t in tokens))
-    if tokenizer is not None:
-        print("text:   " + tokenizer.decode(tokens))
-    print(f"prefill {result.prefill_s * 1000:.1f} ms ({len(prompt)} tokens), decode {result.tokens_per_s:.1f} tokens/s")
+        from dsc.runtime.engine import load_engine
+
+        result = generate(load_engine(a.engine, threads=a.threads), [prompt], a.max_new_tokens)
+    _print_generation(a, result, prompt, tokenizer)
     return 0
 
 
@@ -337,12 +356,13 @@ def cmd_verify(a: argparse.Namespace) -> int:
 
 
 def cmd_profile(a: argparse.Namespace) -> int:
+    from dsc.commands.profile import profile_expert_load, write_load
     from dsc.frontends.checkpoint import Checkpoint
-    from dsc.commands.profile import profile_expert_load, read_prompt_file, write_load
+    from dsc.prompts import read_prompt_file
 
     ckpt = Checkpoint.open(a.model)
     prompts = read_prompt_file(a.prompts, ckpt.config.vocab_size, ckpt.tokenizer_path)
-    result = profile_expert_load(a.model, prompts, log=_log(False))
+    result = profile_expert_load(a.model, prompts)
     write_load(result, a.output)
     load = np.asarray(result["load"], dtype=float)
     imbalance = (load.max(axis=1) / load.mean(axis=1)).round(2).tolist()
@@ -375,7 +395,9 @@ def cmd_make_model(a: argparse.Namespace) -> int:
         raise DscError(f"unknown preset '{a.preset}'; choose one of: {', '.join(sorted(PRESETS))}")
     if a.output.exists() and any(a.output.iterdir()) if a.output.is_dir() else a.output.exists():
         raise DscError(f"{a.output}: already exists and is not an empty directory")
-    path = make_model(a.preset, a.output, seed=a.seed, fp8=a.fp8, shards=a.shards, progress=_log(False))
+    path = make_model(
+        a.preset, a.output, seed=a.seed, fp8=a.fp8, shards=a.shards, progress=logging.getLogger("dsc").info
+    )
     print(f"wrote {a.preset} checkpoint to {path}")
     return 0
 
@@ -393,6 +415,7 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _setup_logging(getattr(args, "quiet", False))
     try:
         return COMMANDS[args.command](args)
     except DscError as exc:

@@ -54,3 +54,13 @@ def sha256_files(paths: list[Path]) -> str:
             while chunk := f.read(1 << 22):
                 h.update(chunk)
     return h.hexdigest()
+
+
+def read_json(path: Path, what: str, error: type[Exception] = CompileError) -> object:
+    """The parsed JSON of ``path``; ``error`` naming the file and ``what`` it should hold when it cannot be read."""
+    import json
+
+    try:
+        return json.loads(Path(path).read_bytes())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise error(f"{path}: cannot read {what}: {exc}") from exc

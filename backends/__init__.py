@@ -1,1 +1,125 @@
-"""dsc.backends"""
+"""Backends: each turns an optimized graph into engine files plus their manifest (dsc.engine_format).
+
+A backend is a frozen dataclass whose fields are its options, with one method, ``write(graph, out) ->
+Manifest``. Adding an output kind means writing its files and ending with ``finish_engine``; nothing else in the
+compiler changes. ``backend_for`` picks the backend from the output path (``x.onnx``, ``x.plan``, a directory
+with ``--ep-size``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar, Protocol
+
+from dsc.errors import CompileError
+
+if TYPE_CHECKING:
+    from dsc.backends.tensorrt import Profiles
+    from dsc.engine_format import Manifest
+    from dsc.ir.graph import Graph
+
+log = logging.getLogger("dsc")
+
+SUFFIXES = {".onnx": "onnx", ".plan": "tensorrt", ".engine": "tensorrt"}
+
+
+class Backend(Protocol):
+    name: ClassVar[str]
+
+    def write(self, graph: Graph, out: Path) -> Manifest:
+        """Write the engine for ``graph`` at ``out`` (files + manifest, atomically) and return its manifest."""
+        ...
+
+
+@dataclass(frozen=True)
+class OnnxBackend:
+    """One ONNX file for onnxruntime (+ ``.onnx.data`` past 2 GB or when asked)."""
+
+    name: ClassVar[str] = "onnx"
+    moe_lowering: str = "contrib"  # fused experts: onnxruntime's MoE kernel, or "gather" (standard ops)
+    external_data: bool | None = None  # None: only when the weights pass protobuf's 2 GB limit
+
+    def write(self, graph: Graph, out: Path) -> Manifest:
+        from dsc import __version__
+        from dsc.backends.onnx import lower_to_onnx
+        from dsc.backends.onnx_io import save_model
+        from dsc.engine_format import finish_engine
+        from tqdm import tqdm
+
+        log.info("[3/4] lowering to ONNX (opset 21)")
+        model, initializers = lower_to_onnx(graph, producer_version=__version__, moe_lowering=self.moe_lowering)
+        total = sum(i.nbytes for i in initializers)
+        log.info(f"[4/4] writing {out} ({total / 2**20:.1f} MB of weights)")
+        quiet = not log.isEnabledFor(logging.INFO)
+        with tqdm(total=total, unit="B", unit_scale=True, desc="      weights", disable=quiet or None) as bar:
+            files = save_model(
+                model,
+                initializers,
+                out,
+                external_data=self.external_data,
+                progress=lambda done, _total: bar.update(done - bar.n),
+            )
+        return finish_engine(graph, backend=self.name, engine=out, files=files)
+
+
+@dataclass(frozen=True)
+class TensorRTBackend:
+    """A TensorRT plan (needs ``tensorrt`` and an NVIDIA GPU)."""
+
+    name: ClassVar[str] = "tensorrt"
+    profiles: Profiles
+    precision: str = "fp32"
+    workspace_bytes: int = 4 << 30
+    timing_cache: Path | None = None
+
+    def write(self, graph: Graph, out: Path) -> Manifest:
+        from dsc.backends.tensorrt import build_engine
+        from dsc.engine_format import read_manifest
+
+        log.info(f"[3/4] building the TensorRT plan {out} ({self.precision})")
+        build_engine(
+            graph,
+            out,
+            profiles=self.profiles,
+            precision=self.precision,
+            workspace_bytes=self.workspace_bytes,
+            timing_cache=self.timing_cache,
+        )
+        return read_manifest(out)
+
+
+@dataclass(frozen=True)
+class ExpertParallelBackend:
+    """A directory of ONNX engines for ``ranks`` processes: dense segments + each rank's experts."""
+
+    name: ClassVar[str] = "onnx-ep"
+    ranks: int
+    moe_lowering: str = "contrib"
+
+    def write(self, graph: Graph, out: Path) -> Manifest:
+        import shutil
+
+        from dsc.backends.ep import write_ep_engines
+
+        log.info(f"[3/4] lowering and writing {self.ranks} ranks' engines to {out}/")
+        created = not out.exists()
+        try:
+            return write_ep_engines(graph, out, self.ranks, moe_lowering=self.moe_lowering)
+        except BaseException:
+            if created:
+                shutil.rmtree(out, ignore_errors=True)  # never leave half an engine directory behind
+            raise
+
+
+def backend_kind(out: Path, backend: str | None, ep_size: int) -> str:
+    """ "onnx", "tensorrt" or "onnx-ep", from the flags and the output path; CompileError when they disagree."""
+    if ep_size > 1:
+        if backend not in (None, "onnx") or out.suffix:
+            raise CompileError(f"{out}: --ep-size writes a directory of ONNX engines; give -o a directory name")
+        return "onnx-ep"
+    kind = backend or SUFFIXES.get(out.suffix.lower())
+    if kind is None:
+        raise CompileError(f"{out}: unknown output type '{out.suffix}'; use .onnx (ONNX) or .plan (TensorRT)")
+    return kind

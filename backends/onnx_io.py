@@ -16,8 +16,8 @@ from pathlib import Path
 
 import onnx
 import torch
-from dsc.files import atomic_output, check_writable_dir
 from dsc.errors import CompileError
+from dsc.files import atomic_output, check_writable_dir
 from onnx import TensorProto
 
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2  # leave room for the graph itself under protobuf's 2 GiB

@@ -12,12 +12,11 @@ and ``dsc run model.plan`` loads the result with runtime/tensorrt_engine.TensorR
 
 from __future__ import annotations
 
-import json
+import logging
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import onnx
@@ -26,6 +25,8 @@ from dsc.backends.onnx_io import ONNX_DTYPES, Initializer
 from dsc.backends.tensorrt_ops import check_model_supported, support_summary
 from dsc.errors import CompileError
 from dsc.ir.graph import Graph, Op
+
+log = logging.getLogger("dsc")
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 # Opset 21 is needed only for blocked Q/DQ (``block_size``); every other op dsc emits means the same at 20, and
@@ -170,7 +171,7 @@ def _input_dims(model: onnx.ModelProto) -> dict[str, list[int | str]]:
     }
 
 
-def _set_precision(trt, config, network, precision: str, has_fp8: bool, keep_fp32: tuple[str, ...], log) -> None:
+def _set_precision(trt, config, network, precision: str, has_fp8: bool, keep_fp32: tuple[str, ...]) -> None:
     """Precision flags on a weakly typed network. fp32 turns TF32 off (TensorRT enables it by default and it
     rounds MatMul inputs to 10-bit mantissas). fp16/bf16 let TensorRT pick reduced-precision kernels except in
     the MoE routers, pinned to fp32: a rounded router score can flip a top-k choice, a discrete change."""
@@ -199,12 +200,12 @@ def _set_precision(trt, config, network, precision: str, has_fp8: bool, keep_fp3
                 pinned += 1
         if pinned:
             config.set_flag(flags.PREFER_PRECISION_CONSTRAINTS)
-            log(f"      {pinned} router layers kept in fp32")
+            log.info(f"      {pinned} router layers kept in fp32")
     if has_fp8 and hasattr(flags, "FP8"):
         config.set_flag(flags.FP8)
 
 
-def _load_timing_cache(config, path: Path | None, log):
+def _load_timing_cache(config, path: Path | None):
     if path is None:
         return None
     data = b""
@@ -212,20 +213,12 @@ def _load_timing_cache(config, path: Path | None, log):
         data = path.read_bytes()
     cache = config.create_timing_cache(data)
     if not config.set_timing_cache(cache, ignore_mismatch=False):
-        log(f"      timing cache {path} was made on another device or version; starting a new one")
+        log.info(f"      timing cache {path} was made on another device or version; starting a new one")
         cache = config.create_timing_cache(b"")
         config.set_timing_cache(cache, ignore_mismatch=False)
     elif data:
-        log(f"      timing cache: {len(data):,} bytes from {path}")
+        log.info(f"      timing cache: {len(data):,} bytes from {path}")
     return cache
-
-
-def _graph_checkpoint(graph: Graph) -> SimpleNamespace:
-    """A stand-in for compiler.build_manifest's checkpoint (it reads only ``.config``) from the graph itself."""
-    config = graph.meta.get("model_config")
-    if config is None:
-        raise ValueError("graph.meta['model_config'] is missing; pass checkpoint= to build_engine")
-    return SimpleNamespace(config=config)
 
 
 def build_engine(
@@ -236,10 +229,6 @@ def build_engine(
     precision: str = "fp32",
     workspace_bytes: int = 4 << 30,
     timing_cache: Path | None = None,
-    log: Callable[[str], None] = print,
-    checkpoint: Any = None,
-    pass_manager: Any = None,
-    manifest_fields: dict[str, Any] | None = None,
 ) -> Path:
     """Build a TensorRT plan for ``graph`` at ``plan_path`` plus ``<stem>.manifest.json``; returns plan_path.
 
@@ -247,9 +236,8 @@ def build_engine(
     (DequantizeLinear from FP8) are explicit quantization and are honoured in every precision.
     workspace_bytes: TensorRT's WORKSPACE memory pool limit (``--workspace``).
     timing_cache: loaded when the file exists, written after the build (``--timing-cache``).
-    checkpoint, pass_manager: what compile_model has, for the manifest's model config and pass records
-    (compiler.build_manifest); without them the config comes from graph.meta and no passes are listed.
-    manifest_fields: extra top-level manifest entries (e.g. {"tokenizer": "x.tokenizer.json"}).
+    The manifest (dsc.engine_format.finish_engine) comes from the graph and its metadata, like every engine's,
+    and the checkpoint's tokenizer is copied beside the plan.
 
     The manifest has the ONNX engine's fields plus ``tensorrt``: version, precision, profiles, the
     per-input profile shapes, workspace_bytes, the ONNX opset and the support list it was checked against.
@@ -259,10 +247,9 @@ def build_engine(
     require_tensorrt()
     import tensorrt as trt
     from dsc import __version__
-    from dsc.files import atomic_output, atomic_write_bytes, check_writable_dir
     from dsc.backends.onnx_io import save_model
-    from dsc.commands.compile import build_manifest
-    from dsc.runtime.engine import manifest_path
+    from dsc.engine_format import finish_engine
+    from dsc.files import atomic_output, atomic_write_bytes, check_writable_dir
 
     if precision not in PRECISIONS:
         raise CompileError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
@@ -283,19 +270,20 @@ def build_engine(
     with tempfile.TemporaryDirectory(prefix=f".{plan_path.name}.onnx-", dir=plan_path.parent) as tmp:
         onnx_path = Path(tmp) / "model.onnx"
         save_model(model, initializers, onnx_path, external_data=True)
-        log(f"      parsing with TensorRT {trt.__version__} ({sum(i.nbytes for i in initializers) / 2**20:.1f} MB)")
+        mb = sum(i.nbytes for i in initializers) / 2**20
+        log.info(f"      parsing with TensorRT {trt.__version__} ({mb:.1f} MB)")
         builder = trt.Builder(logger)
         network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
         parser = trt.OnnxParser(network, logger)
         if not parser.parse_from_file(str(onnx_path)):
             errors = [_parser_error(parser.get_error(i)) for i in range(parser.num_errors)] or ["no error given"]
             for line in errors:
-                log(f"      parser: {line}")
+                log.info(f"      parser: {line}")
             more = f" (and {len(errors) - 1} more, listed above)" if len(errors) > 1 else ""
             raise CompileError(f"TensorRT's ONNX parser refused the model: {errors[0]}{more}")
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
-        _set_precision(trt, config, network, precision, has_fp8, keep_fp32, log)
+        _set_precision(trt, config, network, precision, has_fp8, keep_fp32)
         profile = builder.create_optimization_profile()
         profile_shapes = {}
         for i in range(network.num_inputs):
@@ -303,9 +291,9 @@ def build_engine(
             profile_shapes[name] = profiles.shapes_for(name, dims[name])
             profile.set_shape(name, *profile_shapes[name])
         config.add_optimization_profile(profile)
-        _load_timing_cache(config, timing_cache, log)
+        _load_timing_cache(config, timing_cache)
         r = profiles.ranges()
-        log(
+        log.info(
             f"      building: {precision}, batch {r['batch'][0]}..{r['batch'][2]}, seq {r['seq'][0]}..{r['seq'][2]}, "
             f"past 0..{r['past'][2]}, workspace {workspace_bytes / 2**30:.1f} GiB"
         )
@@ -314,30 +302,18 @@ def build_engine(
             raise CompileError("TensorRT could not build the engine (its log above says why)")
     if timing_cache is not None:
         atomic_write_bytes(timing_cache, bytes(memoryview(config.get_timing_cache().serialize())))
-        log(f"      timing cache saved to {timing_cache}")
+        log.info(f"      timing cache saved to {timing_cache}")
     with atomic_output(plan_path) as tmp_plan, open(tmp_plan, "wb") as f:
         f.write(memoryview(serialized))
-    try:
-        manifest = build_manifest(
-            graph,
-            checkpoint if checkpoint is not None else _graph_checkpoint(graph),
-            [plan_path],
-            pass_manager if pass_manager is not None else SimpleNamespace(records=[]),
-            "tensorrt",
-        )
-        manifest["tensorrt"] = {
-            "version": trt.__version__,
-            "precision": precision,
-            "profiles": profiles.to_dict(),
-            "profile_shapes": {k: [list(s) for s in v] for k, v in profile_shapes.items()},
-            "workspace_bytes": workspace_bytes,
-            "onnx_opset": next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
-            "moe_lowering": "gather",
-            "support_list": support_summary(),
-        }
-        manifest.update(manifest_fields or {})
-        atomic_write_bytes(manifest_path(plan_path), (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
-    except BaseException:
-        plan_path.unlink(missing_ok=True)  # never leave an engine without its manifest
-        raise
+    tensorrt_info = {
+        "version": trt.__version__,
+        "precision": precision,
+        "profiles": profiles.to_dict(),
+        "profile_shapes": {k: [list(s) for s in v] for k, v in profile_shapes.items()},
+        "workspace_bytes": workspace_bytes,
+        "onnx_opset": next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
+        "moe_lowering": "gather",
+        "support_list": support_summary(),
+    }
+    finish_engine(graph, backend="tensorrt", engine=plan_path, files=[plan_path], tensorrt=tensorrt_info)
     return plan_path

@@ -37,7 +37,7 @@ def main() -> None:
     rows = []
     for name, options in VARIANTS.items():
         out = work / f"{name}.onnx"
-        compile_model(ckpt, out, options, log=lambda _: None)
+        compile_model(ckpt, out, options)
         size = sum(f.stat().st_size for f in out.parent.glob(out.name + "*"))
         start = time.perf_counter()
         engine = OnnxEngine(out, threads=THREADS)

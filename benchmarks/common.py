@@ -23,7 +23,7 @@ def bench_checkpoint(workdir: Path, preset: str = "bench") -> Path:
 
 
 def compile_engine(ckpt: Path, out: Path, **options) -> OnnxEngine:
-    compile_model(ckpt, out, CompileOptions(**options), log=lambda _: None)
+    compile_model(ckpt, out, CompileOptions(**options))
     return OnnxEngine(out, threads=THREADS)
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from dsc.engine_format import EP_MANIFEST, read_manifest
 from dsc.errors import DscError
+from dsc.placement import Placement
 
 
 def _fmt_count(n: int) -> str:
@@ -35,7 +37,7 @@ def _shape_only_provider(key, shape):
 
 
 def model_summary(cfg, graph) -> dict[str, Any]:
-    from dsc.commands.compile import active_params, kv_bytes_per_token
+    from dsc.ir.analysis import active_params, kv_bytes_per_token
 
     moe_layers = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
     absorbed = cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
@@ -89,35 +91,36 @@ def _model_text(path: Path, s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def placement_lines(p: dict[str, Any]) -> list[str]:
+def placement_lines(p: Placement) -> list[str]:
     """Per layer: rank loads before/after balancing and the max/mean balance figure."""
-    lines = [f"  placement     {p.get('slots', len(p['phy2log'][0]))} slots on {p['ranks']} ranks"]
-    for layer, row in enumerate(p["phy2log"]):
+    lines = [f"  placement     {p.slots} slots on {p.ranks} ranks"]
+    for layer, row in enumerate(p.phy2log):
         replicas = len(row) - len(set(row))
         text = f"    layer {layer}: {replicas} redundant slots"
-        if "balance" in p:
-            text += f", max/mean rank load {p['unbalanced'][layer]:.3f} -> {p['balance'][layer]:.3f}"
-            text += f" (bound {p['lower_bound'][layer]:.3f})"
+        if p.balance:
+            text += f", max/mean rank load {p.unbalanced[layer]:.3f} -> {p.balance[layer]:.3f}"
+            text += f" (bound {p.lower_bound[layer]:.3f})"
         lines.append(text)
-        if "rank_load" in p:
-            lines.append("      rank load " + " ".join(f"{x:.0f}" for x in p["rank_load"][layer]))
+        if p.rank_load:
+            lines.append("      rank load " + " ".join(f"{x:.0f}" for x in p.rank_load[layer]))
     return lines
 
 
 def inspect_path(path: Path) -> tuple[dict[str, Any], str]:
     if path.suffix.lower() in (".onnx", ".plan", ".engine"):
         return _inspect_engine(path)
-    if (path / "ep.manifest.json").is_file():
+    if (path / EP_MANIFEST).is_file():
         from dsc.runtime.ep import read_ep_manifest
 
         m = read_ep_manifest(path)
+        ep = m.expert_parallel
         size = sum(f.stat().st_size for f in path.iterdir())
         lines = [
-            f"{path}: dsc expert-parallel engine for {m['ranks']} ranks, {size / 2**20:.1f} MB, "
-            f"{len(m['segments'])} dense segments, {len(m['moe_layers'])} MoE layers",
-            *placement_lines(m["placement"]),
+            f"{path}: dsc expert-parallel engine for {ep.ranks} ranks, {size / 2**20:.1f} MB, "
+            f"{len(ep.segments)} dense segments, {len(ep.moe_layers)} MoE layers",
+            *placement_lines(ep.placement),
         ]
-        return m, "\n".join(lines)
+        return m.to_json(), "\n".join(lines)
     if path.suffix == ".json" and path.name != "config.json":
         import json
 
@@ -126,7 +129,8 @@ def inspect_path(path: Path) -> tuple[dict[str, Any], str]:
         except (OSError, json.JSONDecodeError) as exc:
             raise DscError(f"{path}: cannot read JSON: {exc}") from exc
         if isinstance(data, dict) and "phy2log" in data:
-            return data, "\n".join([f"{path}: expert placement", *placement_lines(data)])
+            placement = Placement.from_json(data, str(path))
+            return data, "\n".join([f"{path}: expert placement", *placement_lines(placement)])
         if isinstance(data, dict) and "model_type" in data:  # a config.json under another name
             from dsc.frontends.config import config_from_dict
             from dsc.frontends.trace import trace_model
@@ -151,27 +155,26 @@ def inspect_path(path: Path) -> tuple[dict[str, Any], str]:
 
 
 def _inspect_engine(path: Path) -> tuple[dict[str, Any], str]:
-    from dsc.runtime.engine import read_manifest
-
     m = read_manifest(path)
-    cfg = m["model"]["config"]
-    kv = m["kv_cache"]
-    files = [path.with_name(f) for f in [m["engine_file"], *m["data_files"]]]
+    cfg, kv = m.config, m.kv_cache
+    files = [path.with_name(f) for f in m.files]
     size = sum(f.stat().st_size for f in files if f.exists())
     missing = [f.name for f in files if not f.exists()]
     lines = [
-        f"{path}: dsc {m['backend']} engine (dsc {m['dsc_version']}), {size / 2**20:.1f} MB"
+        f"{path}: dsc {m.backend} engine (dsc {m.dsc_version}), {size / 2**20:.1f} MB"
         + (f", MISSING {missing}" if missing else ""),
         f"  model         {cfg['model_type']}, {cfg['num_hidden_layers']} layers, vocab {cfg['vocab_size']}, "
-        f"{_fmt_count(m['weights']['params'])} params, {_fmt_count(m['weights']['active_params_per_token'])} active",
-        f"  kv cache      {kv['form']}: {kv['bytes_per_token']:,} bytes per token, {len(kv['tensors'])} tensors, "
-        f"{kv['layout']}",
+        f"{_fmt_count(m.params)} params, {_fmt_count(m.active_params_per_token)} active",
+        f"  kv cache      {kv.form}: {kv.bytes_per_token:,} bytes per token, {len(kv.tensors)} tensors, {kv.layout}",
         "  inputs        "
-        + ", ".join(f"{i['name']}{i['shape']}" for i in m["io"]["inputs"][:4])
-        + (" ..." if len(m["io"]["inputs"]) > 4 else ""),
-        "  passes        " + (", ".join(p["name"] for p in m["passes"] if p["modified"]) or "none changed the IR"),
-        f"  checksum      sha256 {m['checksum']['value'][:16]}...",
+        + ", ".join(f"{i.name}{list(i.shape)}" for i in m.inputs[:4])
+        + (" ..." if len(m.inputs) > 4 else ""),
+        "  passes        " + (", ".join(p.name for p in m.passes if p.modified) or "none changed the IR"),
+        f"  checksum      sha256 {m.checksum[:16]}...",
     ]
-    if m["skipped"]["mtp_layers"]:
-        lines.append(f"  skipped       {m['skipped']['note']}")
-    return m, "\n".join(lines)
+    if m.mtp_layers:
+        lines.append(
+            f"  skipped       {m.mtp_layers} multi-token-prediction layer(s) ({m.skipped_tensors} tensors): not "
+            "compiled; transformers and DeepSeek's converter skip them too"
+        )
+    return m.to_json(), "\n".join(lines)

@@ -7,39 +7,19 @@ so profiling needs no engine and sees exactly the routing the engines compute.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import logging
 from pathlib import Path
 
 import numpy as np
 import torch
 from dsc.errors import DscError
 from dsc.ir.graph import Node, Op
+from tqdm import tqdm
+
+log = logging.getLogger("dsc")
 
 
-def read_prompt_file(path: Path, vocab: int, tokenizer_path: Path | None) -> list[list[int]]:
-    """Lines of comma-separated token ids, or plain text (tokenized with the checkpoint's tokenizer.json)."""
-    try:
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DscError(f"{path}: cannot read prompts: {exc}") from exc
-    if not lines:
-        raise DscError(f"{path}: no prompts")
-    try:
-        prompts = [[int(t) for t in ln.split(",")] for ln in lines]
-    except ValueError:
-        if tokenizer_path is None:
-            raise DscError(f"{path}: lines are not token ids and the checkpoint has no tokenizer.json") from None
-        from tokenizers import Tokenizer
-
-        tok = Tokenizer.from_file(str(tokenizer_path))
-        prompts = [tok.encode(ln).ids for ln in lines]
-    bad = [max(p) for p in prompts if p and max(p) >= vocab]
-    if bad or any(not p for p in prompts):
-        raise DscError(f"{path}: token ids must be non-empty lists below the vocabulary size {vocab}")
-    return prompts
-
-
-def profile_expert_load(model: Path, prompts: list[list[int]], log: Callable[[str], None] = print) -> dict:
+def profile_expert_load(model: Path, prompts: list[list[int]]) -> dict:
     from dsc.frontends.loader import load_graph
     from dsc.frontends.trace import empty_cache
     from dsc.ir.interpreter import Interpreter
@@ -48,7 +28,7 @@ def profile_expert_load(model: Path, prompts: list[list[int]], log: Callable[[st
     routes = [n for n in graph.nodes if n.op == Op.MOE_ROUTE]
     if not routes:
         raise DscError(f"{model}: the model has no MoE layers to profile")
-    layer_of = {n.name: int(n.name.split("/")[0].split(".")[1]) for n in routes}
+    layer_of = {n.name: graph.layer_of(n) for n in routes}
     experts = routes[0].attrs["num_experts"]
     counts = {n.name: np.zeros(experts, dtype=np.int64) for n in routes}
 
@@ -58,7 +38,8 @@ def profile_expert_load(model: Path, prompts: list[list[int]], log: Callable[[st
 
     interp = Interpreter(graph, observe=observe)
     tokens = 0
-    for i, ids in enumerate(prompts, start=1):
+    quiet = not log.isEnabledFor(logging.INFO)
+    for ids in tqdm(prompts, desc="profiling", unit="prompt", disable=quiet or None):
         feeds = {
             "input_ids": torch.tensor([ids]),
             "position_ids": torch.arange(len(ids))[None],
@@ -66,7 +47,6 @@ def profile_expert_load(model: Path, prompts: list[list[int]], log: Callable[[st
         }
         interp.run(feeds)
         tokens += len(ids)
-        log(f"  prompt {i}/{len(prompts)}: {len(ids)} tokens")
     return {
         "format": "dsc-expert-load",
         "model_type": checkpoint.config.model_type,

@@ -40,17 +40,17 @@ def verify_engine(model: Path, engine_path: Path, *, prompt: Sequence[int] | Non
     from dsc.frontends.loader import load_graph
     from dsc.frontends.trace import empty_cache
     from dsc.ir.interpreter import Interpreter
+    from dsc.prompts import check_ids
     from dsc.runtime.engine import load_engine
-    from dsc.runtime.generate import check_prompt_ids
 
     engine = load_engine(engine_path)
     checkpoint, graph = load_graph(model)
     cfg = checkpoint.config
-    if engine.manifest["model"]["config"] != cfg.to_dict():
+    if engine.manifest.config != cfg.to_dict():
         raise DscError(f"{engine_path}: the engine was compiled from a model with a different config than {model}")
     if prompt is None:
         prompt = torch.randint(0, cfg.vocab_size, (16,), generator=torch.Generator().manual_seed(seed)).tolist()
-    check_prompt_ids(prompt, cfg.vocab_size)
+    check_ids([prompt], cfg.vocab_size, "--prompt-ids")
     ref = Interpreter(graph)
     ref_past = empty_cache(graph, 1)
     eng_past = [c.empty(1) for c in engine.cache]
@@ -69,7 +69,7 @@ def verify_engine(model: Path, engine_path: Path, *, prompt: Sequence[int] | Non
         }
         out = ref.run(feeds)
         ref_logits = out["logits"].numpy()
-        ref_past = {k: out[k.replace("past_key_values.", "present.")] for k in ref_past}
+        ref_past = {c.past: out[c.present] for c in graph.cache_entries()}
         eng_logits, eng_past = engine.step(input_ids, positions, eng_past)
         abs_err, rel_err, agree = compare_logits(eng_logits, ref_logits)
         report.steps.append(

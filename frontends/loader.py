@@ -53,4 +53,5 @@ def load_graph(path: str | Path, *, keep_fp8: bool = True) -> tuple[Checkpoint, 
     provider = weight_provider(checkpoint, keep_fp8)
     graph = trace_model(checkpoint.config, provider, name=checkpoint.config.model_type)
     graph.meta["skipped_keys"] = list(checkpoint.skipped_keys)
+    graph.meta["tokenizer_path"] = checkpoint.tokenizer_path
     return checkpoint, graph

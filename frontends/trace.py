@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.fx as fx
 from dsc.frontends.model import DeepseekModel, Leaf
-from dsc.ir.graph import Graph, GraphBuilder, Op, Value
+from dsc.ir.graph import CacheEntry, Graph, GraphBuilder, Op, Value
 from dsc.ir.ops import block_scale_shape
 from dsc.ir.types import DType
 from torch import nn
@@ -42,13 +42,14 @@ def _reshape_attrs(x: Value, new_shape: Sequence[int]) -> dict[str, Any]:
 
 
 class _Translator:
-    def __init__(self, builder: GraphBuilder, weights: WeightProvider, prefix: str) -> None:
+    def __init__(self, builder: GraphBuilder, weights: WeightProvider, prefix: str, layer: int | None = None) -> None:
         self.b = builder
         self.weights = weights
         self.prefix = prefix
+        self.meta = {} if layer is None else {"layer": layer}
 
     def op(self, op: Op, inputs, attrs=None, hint: str = "") -> Any:
-        node = self.b.op(op, inputs, attrs, name=f"{self.prefix}{hint or op.value}")
+        node = self.b.op(op, inputs, attrs, name=f"{self.prefix}{hint or op.value}", meta=self.meta)
         return node.outputs[0] if len(node.outputs) == 1 else node.outputs
 
     def leaf(self, gm: fx.GraphModule, target: str, args: list[Value]) -> Any:
@@ -132,10 +133,11 @@ class _Translator:
 
 def empty_cache(graph: Graph, batch: int) -> dict[str, torch.Tensor]:
     """Zero-length past caches for every cache input of a traced graph (the feeds of a first step)."""
+    past = {c.past for c in graph.cache_entries()}
     return {
         v.name: torch.zeros([batch if d == "batch" else 0 if d == "past" else d for d in v.type.shape])
         for v in graph.inputs
-        if v.name.startswith("past_key_values.")
+        if v.name in past
     }
 
 
@@ -153,22 +155,27 @@ def trace_model(cfg: ModelConfig, weights: WeightProvider, name: str = "deepseek
     pos = b.input("position_ids", DType.I64, ("batch", "seq"))
     (kh, kd), (vh, vd) = kv_shapes(cfg)
     past = []
-    for i in range(cfg.num_hidden_layers):
-        pk = b.input(f"past_key_values.{i}.key", DType.F32, ("batch", "past", kh, kd))
-        pv = b.input(f"past_key_values.{i}.value", DType.F32, ("batch", "past", vh, vd))
-        past.append((pk, pv))
+    cache = [(CacheEntry.named(i, "key"), CacheEntry.named(i, "value")) for i in range(cfg.num_hidden_layers)]
+    for ck, cv in cache:
+        past.append(
+            (
+                b.input(ck.past, DType.F32, ("batch", "past", kh, kd)),
+                b.input(cv.past, DType.F32, ("batch", "past", vh, vd)),
+            )
+        )
     h = _Translator(b, weights, "embed/").run(model.embed, [ids])
     presents = []
     for i, layer in enumerate(model.layers):
-        h, k, v = _Translator(b, weights, f"layers.{i}/").run(layer, [h, pos, *past[i]])
+        h, k, v = _Translator(b, weights, f"layers.{i}/", layer=i).run(layer, [h, pos, *past[i]])
         presents.append((k, v))
     logits = _Translator(b, weights, "head/").run(model.head, [h])
     outputs = [_renamed(b.graph, logits, "logits")]
-    for i, (k, v) in enumerate(presents):
-        outputs.append(_renamed(b.graph, k, f"present.{i}.key"))
-        outputs.append(_renamed(b.graph, v, f"present.{i}.value"))
+    for (k, v), (ck, cv) in zip(presents, cache, strict=True):
+        outputs += [_renamed(b.graph, k, ck.present), _renamed(b.graph, v, cv.present)]
     b.graph.outputs = outputs
     b.graph.meta["model_config"] = cfg
+    b.graph.meta["kv_cache"] = tuple(e for pair in cache for e in pair)
+    b.graph.meta["kv_cache_form"] = "naive"
     return b.graph
 
 

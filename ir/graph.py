@@ -108,6 +108,24 @@ class Value:
 
 
 @dataclass(frozen=True, slots=True)
+class CacheEntry:
+    """One cache tensor of the step graph: the graph input it reads (``past``) and the output that returns it
+    grown by the new tokens (``present``). Recorded by the frontend in ``graph.meta["kv_cache"]`` and kept
+    current by passes that change the cache (mla-absorb), so nothing finds cache pairs by their names."""
+
+    layer: int
+    role: str  # "key" / "value" (per-head cache) or "latent" (MLA's compressed cache)
+    past: str
+    present: str
+
+    @classmethod
+    def named(cls, layer: int, role: str) -> CacheEntry:
+        """The one naming convention for cache tensors: onnxruntime-genai's ``past_key_values.N.role`` in,
+        ``present.N.role`` out."""
+        return cls(layer, role, f"past_key_values.{layer}.{role}", f"present.{layer}.{role}")
+
+
+@dataclass(frozen=True, slots=True)
 class Weight:
     value: Value
     source: WeightSource
@@ -170,6 +188,14 @@ class Graph:
         yield from (w.value for w in self.weights.values())
         for n in self.nodes:
             yield from n.outputs
+
+    def cache_entries(self) -> tuple[CacheEntry, ...]:
+        """The step graph's cache tensors (empty for graphs without a cache)."""
+        return tuple(self.meta.get("kv_cache", ()))
+
+    def layer_of(self, node: Node) -> int | None:
+        """The decoder layer a node belongs to, as the frontend recorded it (None: embedding, head, helpers)."""
+        return node.meta.get("layer")
 
     def op_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}

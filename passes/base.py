@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
-from dsc.ir.graph import Graph
+import torch
+from dsc.ir.graph import Graph, WeightSource
 
 
 @dataclass
@@ -20,3 +22,14 @@ class Pass(Protocol):
     requires: ClassVar[tuple[str, ...]]
 
     def run(self, graph: Graph) -> PassResult: ...
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """What a quantization pass did to one weight, for ``--report``: where it came from and how to read it back."""
+
+    name: str
+    layer: int | None
+    format: str
+    original: WeightSource
+    restore: Callable[[], torch.Tensor]  # the float32 weight the engine computes with

@@ -84,7 +84,7 @@ class ExpertFusionPass:
                 value = Value(name, part[0].type.with_shape((len(part), *part[0].type.shape)))
                 g.weights[name] = type(g.weights[part[0].name])(value, src)
                 stacked.append(value)
-            meta = {"from_pass": self.name, "from": node.name, "experts": len(branches)}
+            meta = {**node.meta, "from_pass": self.name, "from": node.name, "experts": len(branches)}
             at = g.nodes.index(node)
             g.nodes[at] = Node(
                 Op.MOE_EXPERTS,

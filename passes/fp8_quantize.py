@@ -15,32 +15,49 @@ from typing import ClassVar
 
 import torch
 from dsc.ir.graph import Graph, Node, Op, Value, Weight, WeightSource
-from dsc.ir.ops import block_scale_shape, quantize_fp8
+from dsc.ir.ops import block_scale_shape, dequantize, quantize_fp8
 from dsc.ir.types import DType
-from dsc.passes.base import PassResult
+from dsc.passes.base import PassResult, QuantizedWeight
 
 KEEP_HIGH_PRECISION = ("model.embed_tokens.weight", "lm_head.weight")
+FORMAT = "fp8 e4m3, 128x128 block scales"
+
+
+def _restore(halves: Fp8Halves) -> torch.Tensor:
+    values, scales = quantize_fp8(halves.source.load())
+    return dequantize(values, scales)
+
+
+class Fp8Halves:
+    """A weight's FP8 quantization, computed once however its two halves (values, scales) are read: the half
+    not yet read is kept until it is (scales are ~1/16384 of the weight, and the writer reads values first)."""
+
+    __slots__ = ("source", "_pending")
+
+    def __init__(self, source: WeightSource) -> None:
+        self.source = source
+        self._pending: dict[int, torch.Tensor] = {}
+
+    def part(self, index: int) -> torch.Tensor:
+        if index in self._pending:
+            return self._pending.pop(index)
+        values, scales = quantize_fp8(self.source.load())
+        self._pending[1 - index] = (values, scales)[1 - index]
+        return (values, scales)[index]
 
 
 @dataclass(frozen=True)
-class _Quantized:
-    """One half (values or scales) of a weight's FP8 quantization. The pair is written back to back, so the
-    last result is kept and the weight is quantized once, not twice."""
+class Fp8Part:
+    """One half (0 = float8 values, 1 = float32 block scales) of a weight's FP8 quantization."""
 
-    source: WeightSource
-    part: int  # 0 = float8 values, 1 = float32 scales
+    halves: Fp8Halves
+    part: int
 
     def load(self) -> torch.Tensor:
-        cached = _LAST.get("key")
-        if cached is not self.source:
-            _LAST.update(key=self.source, value=quantize_fp8(self.source.load()))
-        return _LAST["value"][self.part]
+        return self.halves.part(self.part)
 
     def describe(self) -> str:
-        return f"fp8_{'values' if self.part == 0 else 'scales'}({self.source.describe()})"
-
-
-_LAST: dict = {}
+        return f"fp8_{'values' if self.part == 0 else 'scales'}({self.halves.source.describe()})"
 
 
 @dataclass(frozen=True)
@@ -53,6 +70,7 @@ class Fp8QuantizePass:
         g = graph.clone()
         quantized, passed_through, kept = 0, 0, []
         done: dict[str, tuple[Value, Value]] = {}
+        records: list[QuantizedWeight] = list(g.meta.get("quantized_weights", ()))
         for i, node in enumerate(g.nodes):
             if node.op != Op.LINEAR:
                 continue
@@ -65,14 +83,17 @@ class Fp8QuantizePass:
                 continue
             if w.name not in done:
                 src = g.weights[w.name].source
+                halves = Fp8Halves(src)
                 q = Value(w.name, w.type.with_dtype(DType.F8E4M3))
                 s = Value(f"{w.name}_scale_inv", w.type.with_shape(block_scale_shape(w.type.shape)))
-                g.weights[q.name] = Weight(q, _Quantized(src, 0))
-                g.weights[s.name] = Weight(s, _Quantized(src, 1))
+                g.weights[q.name] = Weight(q, Fp8Part(halves, 0))
+                g.weights[s.name] = Weight(s, Fp8Part(halves, 1))
                 done[w.name] = (q, s)
+                records.append(QuantizedWeight(w.name, g.layer_of(node), FORMAT, src, lambda h=halves: _restore(h)))
                 quantized += 1
             q, s = done[w.name]
             meta = {**node.meta, "from_pass": self.name}
             g.nodes[i] = Node(Op.LINEAR, node.name, (node.inputs[0], q, s), node.outputs, node.attrs, meta)
+        g.meta["quantized_weights"] = tuple(records)
         stats = {"quantized": quantized, "already_fp8": passed_through, "kept_high_precision": sorted(set(kept))}
         return PassResult(g, quantized > 0, stats)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from dsc.ir.graph import Graph, GraphBuilder, Node, Op, Transformed, Value
+from dsc.ir.graph import CacheEntry, Graph, GraphBuilder, Node, Op, Transformed, Value
 from dsc.ir.ops import dequantize
 from dsc.ir.types import DType
 from dsc.passes.base import PassResult
@@ -173,7 +173,7 @@ class MlaAbsorbPass:
     def _rewrite(self, g: Graph, m: _Mla, folded: dict[str, int]) -> None:
         b = GraphBuilder(g)
         b.insert_at = g.nodes.index(m.attn)
-        meta = {"from_pass": self.name, "from": m.attn.name}
+        meta = {**m.attn.meta, "from_pass": self.name, "from": m.attn.name}
         n, nope = m.heads, m.nope
         kv_lora, rope = m.c_n.type.shape[-1], m.k_pe.type.shape[-1]
         prefix = m.attn.name.rsplit("/", 1)[0] + "/mla_absorb"
@@ -185,12 +185,12 @@ class MlaAbsorbPass:
             return b.op(kind, inputs, attrs, name=f"{prefix}/{kind.value}", meta=meta, **kw)
 
         # The latent cache: [c | k_pe] per token, one tensor per layer.
-        latent_name = m.past_k.name.rsplit(".", 1)[0] + ".latent"
-        past = Value(latent_name, m.past_k.type.with_shape(("batch", "past", kv_lora + rope)))
+        layer = next(c.layer for c in g.cache_entries() if c.past == m.past_k.name)
+        entry = CacheEntry.named(layer, "latent")
+        past = Value(entry.past, m.past_k.type.with_shape(("batch", "past", kv_lora + rope)))
         flat_pe = op(Op.RESHAPE, [m.k_pe], {"shape": (0, 0, rope)}).output
         new = op(Op.CONCAT, [m.c_n, flat_pe], {"axis": -1}).output
-        present_name = m.present_k.name.rsplit(".", 1)[0] + ".latent"
-        present = op(Op.CONCAT, [past, new], {"axis": 1}, out_names=[present_name]).output
+        present = op(Op.CONCAT, [past, new], {"axis": 1}, out_names=[entry.present]).output
         keys = op(Op.RESHAPE, [present], {"shape": (0, 0, 1, kv_lora + rope)}).output
         values = op(Op.SPLIT, [keys], {"axis": -1, "sizes": (kv_lora, rope)}).outputs[0]
 
@@ -229,4 +229,6 @@ class MlaAbsorbPass:
 
         g.inputs = [past if v == m.past_k else v for v in g.inputs if v != m.past_v]
         g.outputs = [present if v == m.present_k else v for v in g.outputs if v != m.present_v]
+        kept = [c for c in g.cache_entries() if c.layer != layer]
+        g.meta["kv_cache"] = tuple(sorted([*kept, entry], key=lambda c: c.layer))
         g.meta["kv_cache_form"] = "latent"

@@ -27,12 +27,12 @@ import itertools
 import json
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from dsc.errors import DscError
+from dsc.placement import Placement, derive_tables
 
 _EPS = 1e-12
 _CLOSE_ENOUGH = 1e-4  # relative gap to the lower bound at which a search stops
@@ -42,30 +42,6 @@ _DONORS, _TAKERS = 4, 4  # replica-count moves tried per step (all experts as ta
 _ALL_TAKERS = 48
 _MAX_PARTITIONS = 2000  # group-to-node partitions enumerated for the bound (DeepSeek-V3's 8 groups: at most 105)
 _MAX_PARTITIONS_SOLVED = 8  # of those, the most promising (lowest bound) searched in full
-
-
-@dataclass(frozen=True)
-class Placement:
-    phy2log: list[list[int]]  # [layers][slots]: logical expert of physical slot s (on rank s // (slots // ranks))
-    log2phy: list[list[list[int]]]  # [layers][experts][slots - experts + 1]: the expert's slots, -1 padded
-    logcnt: list[list[int]]  # [layers][experts]: replica count
-    ranks: int
-    slots: int
-    nodes: int
-    groups: int
-    rank_load: list[list[float]]  # [layers][ranks]: load per rank, replicas sharing their expert's load equally
-    balance: list[float]  # per layer: max / mean rank load
-    unbalanced: list[float]  # per layer: max / mean when slot s holds expert s % experts (no balancing)
-    lower_bound: list[float]  # per layer: no placement under the same constraints has a lower max / mean
-
-    def to_json(self) -> dict[str, Any]:
-        keys = ("phy2log", "log2phy", "logcnt", "ranks", "slots", "nodes", "groups")
-        keys += ("balance", "unbalanced", "lower_bound", "rank_load")
-        return {k: getattr(self, k) for k in keys}
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> Placement:
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
 
 
 # -- inputs ---------------------------------------------------------------------------------------------
@@ -526,23 +502,17 @@ def _peak_over_mean(w: np.ndarray, phy2log: np.ndarray, ranks: int) -> tuple[np.
 def _build(w: np.ndarray, phy2log: list[np.ndarray], ranks: int, nodes: int, groups: int) -> Placement:
     layers, experts = w.shape
     slots = len(phy2log[0])
-    log2phy, logcnt, rank_load, balance, unbalanced, lower = [], [], [], [], [], []
+    rank_load, balance, unbalanced, lower = [], [], [], []
     round_robin = np.arange(slots) % experts
     for layer, p2l in enumerate(phy2log):
-        table = [[-1] * (slots - experts + 1) for _ in range(experts)]
-        counts = [0] * experts
-        for s, e in enumerate(p2l.tolist()):
-            table[e][counts[e]] = s
-            counts[e] += 1
         loads, peak = _peak_over_mean(w[layer], p2l, ranks)
         mean = w[layer].sum() / ranks
-        log2phy.append(table)
-        logcnt.append(counts)
         rank_load.append(loads.tolist())
         balance.append(peak)
         unbalanced.append(_peak_over_mean(w[layer], round_robin, ranks)[1])
         lower.append(float(_lower_bound(w[layer], slots, ranks, nodes, groups) / mean) if mean > 0 else 1.0)
     p2l_lists = [p.tolist() for p in phy2log]
+    log2phy, logcnt = derive_tables(p2l_lists, experts)
     return Placement(p2l_lists, log2phy, logcnt, ranks, slots, nodes, groups, rank_load, balance, unbalanced, lower)
 
 
@@ -561,6 +531,3 @@ def place_experts(load: Any, *, slots: int, ranks: int, nodes: int = 1, groups: 
     else:
         phy2log = [_place_global(row, slots, ranks, nodes, groups) for row in w]
     return _build(w, phy2log, ranks, nodes, groups)
-
-
-# -- the pass ---------------------------------------------------------------------------------------------

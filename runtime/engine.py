@@ -6,60 +6,22 @@ loop (runtime/generate.py) serves all of them.
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
+from dsc.engine_format import CacheTensor, Manifest, read_manifest
 from dsc.errors import EngineError
 
 
-@dataclass(frozen=True)
-class CacheSpec:
-    """One cache tensor: its input/output names and its shape with ``batch`` / ``past`` symbolic."""
-
-    input: str
-    output: str
-    shape: tuple[int | str, ...]
-    dtype: str
-
-    def empty(self, batch: int) -> np.ndarray:
-        shape = tuple(batch if d == "batch" else 0 if d == "past" else d for d in self.shape)
-        return np.zeros(shape, dtype=np.dtype(self.dtype))
-
-
 class Engine(Protocol):
-    manifest: dict[str, Any]
-    cache: list[CacheSpec]
+    manifest: Manifest
+    cache: tuple[CacheTensor, ...]
 
     def step(self, input_ids: np.ndarray, position_ids: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, list]:
         """Run new tokens through the model. Returns (logits [b, s, vocab], present cache tensors)."""
         ...
-
-
-def manifest_path(engine_path: Path) -> Path:
-    return engine_path.with_name(engine_path.stem + ".manifest.json")
-
-
-def read_manifest(engine_path: Path) -> dict[str, Any]:
-    path = manifest_path(engine_path)
-    if not engine_path.is_file():
-        raise EngineError(f"{engine_path}: engine file not found")
-    if not path.is_file():
-        raise EngineError(f"{path}: manifest not found beside the engine (dsc compile writes it)")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise EngineError(f"{path}: unreadable manifest: {exc}") from exc
-    if manifest.get("format") != "dsc-engine":
-        raise EngineError(f"{path}: not a dsc engine manifest")
-    return manifest
-
-
-def cache_specs(manifest: dict[str, Any]) -> list[CacheSpec]:
-    return [CacheSpec(c["input"], c["output"], tuple(c["shape"]), c["dtype"]) for c in manifest["kv_cache"]["tensors"]]
 
 
 def ort_session(path: Path, threads: int | None = None, providers: list[str] | None = None):
@@ -85,7 +47,7 @@ class OnnxEngine:
     def __init__(self, path: Path, *, threads: int | None = None, providers: list[str] | None = None) -> None:
         self.path = path
         self.manifest = read_manifest(path)
-        self.cache = cache_specs(self.manifest)
+        self.cache = self.manifest.cache
         self.session = ort_session(path, threads, providers)
         self._outputs = ["logits"] + [c.output for c in self.cache]
 

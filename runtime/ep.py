@@ -11,27 +11,26 @@ dies surfaces as an error on the others instead of a hang.
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import socket
 import traceback
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
+from dsc.engine_format import Manifest, read_manifest
 from dsc.errors import EngineError
-from dsc.runtime.engine import CacheSpec, cache_specs, ort_session
+from dsc.runtime.engine import ort_session
 
 
-def read_ep_manifest(path: Path) -> dict[str, Any]:
+def read_ep_manifest(path: Path) -> Manifest:
+    """The manifest of an expert-parallel engine directory (EngineError for anything else)."""
     path = Path(path)
-    file = path / "ep.manifest.json" if path.is_dir() else path
-    if not file.is_file():
-        raise EngineError(f"{path}: not an expert-parallel engine directory (no ep.manifest.json)")
-    manifest = json.loads(file.read_text())
-    if manifest.get("format") != "dsc-ep-engine":
-        raise EngineError(f"{file}: not a dsc expert-parallel manifest")
+    if not path.is_dir():
+        raise EngineError(f"{path}: not an expert-parallel engine directory")
+    manifest = read_manifest(path)
+    if manifest.expert_parallel is None:
+        raise EngineError(f"{path}: the manifest describes no expert-parallel engine")
     return manifest
 
 
@@ -44,22 +43,18 @@ class EpEngine:
         self.dist = dist
         self.dir, self.rank, self.world = Path(directory), rank, world
         self.manifest = read_ep_manifest(self.dir)
-        if self.manifest["ranks"] != world:
-            raise EngineError(f"{self.dir}: compiled for {self.manifest['ranks']} ranks, running {world}")
+        self.ep = ep = self.manifest.expert_parallel
+        if ep.ranks != world:
+            raise EngineError(f"{self.dir}: compiled for {ep.ranks} ranks, running {world}")
         self._check_same_engine()
-        self.cache: list[CacheSpec] = cache_specs(self.manifest)
-        self.segments = [ort_session(self.dir / s["file"], threads) for s in self.manifest["segments"]]
-        self.experts = [ort_session(self.dir / f, threads) for f in self.manifest["rank_files"][rank]]
-        p = self.manifest["placement"]
-        self.slots_per_rank = p["slots"] // world
-        # per layer: expert -> its physical slots
-        self.replicas = [
-            [[s for s, e in enumerate(row) if e == x] for x in range(max(row) + 1)] for row in p["phy2log"]
-        ]
+        self.cache = self.manifest.cache
+        self.segments = [ort_session(self.dir / s.file, threads) for s in ep.segments]
+        self.experts = [ort_session(self.dir / f, threads) for f in ep.rank_files[rank]]
+        self.placement = ep.placement
 
     def _check_same_engine(self) -> None:
         """All ranks must run the same compiled engine and placement (a mismatch fails everywhere, at once)."""
-        mine = torch.tensor([int(self.manifest["checksum"]["value"][:15], 16)], dtype=torch.int64)
+        mine = torch.tensor([int(self.manifest.checksum[:15], 16)], dtype=torch.int64)
         every = [torch.zeros_like(mine) for _ in range(self.world)]
         self.dist.all_gather(every, mine)
         if len({int(t) for t in every}) != 1:
@@ -71,12 +66,12 @@ class EpEngine:
     def step(self, input_ids, position_ids, past) -> tuple[np.ndarray, list[np.ndarray]]:
         env: dict[str, np.ndarray] = {"input_ids": input_ids, "position_ids": position_ids}
         env.update({c.input: np.asarray(p) for c, p in zip(self.cache, past, strict=True)})
-        for k, (seg, spec) in enumerate(zip(self.segments, self.manifest["segments"], strict=True)):
-            outs = seg.run(spec["outputs"], {i["name"]: env[i["name"]] for i in spec["inputs"]})
-            env.update(zip(spec["outputs"], outs, strict=True))
-            if k < len(self.manifest["moe_layers"]):
-                cut = self.manifest["moe_layers"][k]
-                env[cut["output"]] = self._moe(k, env[cut["x"]], env[cut["weights"]], env[cut["experts"]])
+        for k, (seg, spec) in enumerate(zip(self.segments, self.ep.segments, strict=True)):
+            outs = seg.run(list(spec.outputs), {i.name: env[i.name] for i in spec.inputs})
+            env.update(zip(spec.outputs, outs, strict=True))
+            if k < len(self.ep.moe_layers):
+                cut = self.ep.moe_layers[k]
+                env[cut.output] = self._moe(k, env[cut.x], env[cut.weights], env[cut.experts])
         return env["logits"], [env[c.output] for c in self.cache]
 
     def _moe(self, k: int, x: np.ndarray, weights: np.ndarray, experts: np.ndarray) -> np.ndarray:
@@ -90,9 +85,10 @@ class EpEngine:
         rows = []
         for t in owned:
             for j in range(top_k):
-                slots = self.replicas[k][int(es[t, j])]
+                slots = self.placement.replicas(k, int(es[t, j]))
                 slot = slots[t % len(slots)]
-                rows.append((t, ws[t, j], slot // self.slots_per_rank, slot % self.slots_per_rank))
+                per = self.placement.slots_per_rank
+                rows.append((t, ws[t, j], slot // per, slot % per))
         rows.sort(key=lambda r: r[2])
         send_counts = torch.tensor([sum(1 for r in rows if r[2] == d) for d in range(world)], dtype=torch.int64)
         recv_counts = torch.empty_like(send_counts)
@@ -174,11 +170,9 @@ def run_expert_parallel(
     every rank that failed (a dead rank makes the others time out on their next collective)."""
     import torch.multiprocessing as mp
 
-    manifest = read_ep_manifest(directory)
-    if manifest["ranks"] != world:
-        raise EngineError(
-            f"{directory}: compiled for {manifest['ranks']} ranks; run it with --ep-size {manifest['ranks']}"
-        )
+    ranks = read_ep_manifest(directory).expert_parallel.ranks
+    if ranks != world:
+        raise EngineError(f"{directory}: compiled for {ranks} ranks; run it with --ep-size {ranks}")
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     job = {"prompts": prompts, "max_new_tokens": max_new_tokens, "keep_logits": keep_logits}

@@ -7,14 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from dsc.errors import DscError
 from dsc.runtime.engine import Engine
-
-
-def check_prompt_ids(ids: Sequence[int], vocab_size: int) -> None:
-    """A user's prompt must index the model's vocabulary (one clear error instead of an index failure)."""
-    if ids and max(ids) >= vocab_size:
-        raise DscError(f"--prompt-ids: token id {max(ids)} is outside the vocabulary (size {vocab_size})")
 
 
 @dataclass

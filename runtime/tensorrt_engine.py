@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from dsc.engine_format import read_manifest
 from dsc.errors import EngineError
-from dsc.runtime.engine import cache_specs, read_manifest
 
 _HINT = "pip install 'dsc[tensorrt]' on a machine with an NVIDIA GPU, or compile with -o model.onnx to run here"
 _ALIGN = 256  # TensorRT wants every tensor address 256-byte aligned
@@ -47,7 +47,7 @@ class TensorRTEngine:
 
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
-        self.cache = cache_specs(self.manifest)
+        self.cache = self.manifest.cache
         try:
             import tensorrt as trt
         except ImportError:
@@ -55,7 +55,7 @@ class TensorRTEngine:
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise EngineError(f"{self.path}: TensorRT engines need an NVIDIA GPU with CUDA, and none is visible")
-        built = self.manifest.get("tensorrt", {}).get("version", "unknown")
+        built = (self.manifest.tensorrt or {}).get("version", "unknown")
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
         self._engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
@@ -76,7 +76,7 @@ class TensorRTEngine:
         self._dtypes = {n: dtypes[self._engine.get_tensor_dtype(n)] for n in names}
         self._limits = {
             name: (tuple(lo), tuple(hi))
-            for name, (lo, _, hi) in self.manifest.get("tensorrt", {}).get("profile_shapes", {}).items()
+            for name, (lo, _, hi) in (self.manifest.tensorrt or {}).get("profile_shapes", {}).items()
         }
         # TensorRT needs a non-null address for every input, empty ones (past length 0) included.
         self._empty = torch.empty(_ALIGN, dtype=torch.uint8, device=self.device)

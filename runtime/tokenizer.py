@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
+from dsc.engine_format import Manifest
 from dsc.errors import EngineError
 
 
-def load_tokenizer(engine_path: Path, manifest: dict[str, Any]):
-    name = manifest.get("tokenizer")
+def load_tokenizer(engine_path: Path, manifest: Manifest):
+    name = manifest.tokenizer
     if not name:
         raise EngineError(
             f"{engine_path}: --prompt needs a tokenizer, and none was beside the checkpoint when it was "
             "compiled (put tokenizer.json beside config.json and recompile, or use --prompt-ids)"
         )
-    path = engine_path.with_name(name)
+    path = engine_path / name if engine_path.is_dir() else engine_path.with_name(name)
     try:
         from tokenizers import Tokenizer
     except ImportError:

@@ -4,6 +4,7 @@ import zlib
 
 import torch
 from dsc.ir import Constant, DType, Graph, GraphBuilder, Op
+from dsc.ir.graph import CacheEntry
 
 N, NOPE, ROPE, V, KV_LORA, Q_LORA, H = 4, 8, 4, 6, 12, 10, 16
 
@@ -48,6 +49,7 @@ def hand_built_mla(q_lora: bool = True, scale: float = 0.3) -> Graph:
     o = b.op(Op.RESHAPE, [o], {"shape": (0, 0, N * V)}).output
     y = b.op(Op.LINEAR, [o, _w(b, "o_proj", H, N * V, seed=7)], out_names=["y"]).output
     b.graph.outputs = [y, k_all, v_all]
+    b.graph.meta["kv_cache"] = (CacheEntry.named(0, "key"), CacheEntry.named(0, "value"))
     return b.graph
 
 

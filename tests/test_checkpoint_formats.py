@@ -10,6 +10,7 @@ import pytest
 import torch
 from dsc.backends.onnx_io import check_model
 from dsc.commands.compile import CompileOptions, compile_model
+from dsc.engine_format import Manifest, read_manifest
 from dsc.frontends.checkpoint import Checkpoint
 from dsc.frontends.presets import make_model
 from dsc.runtime.engine import OnnxEngine
@@ -26,7 +27,7 @@ def rel_error(got, ref) -> float:
 
 
 def compile_quiet(src: Path, out: Path, **kw):
-    return compile_model(src, out, CompileOptions(**kw), log=lambda _: None)
+    return compile_model(src, out, CompileOptions(**kw))
 
 
 def engine_logits(path: Path) -> np.ndarray:
@@ -109,20 +110,22 @@ def test_external_data_engine_matches_single_file(tiny, tmp_path):
     single = compile_quiet(tiny, tmp_path / "single.onnx")
     assert ext.files[0].stat().st_size < 100_000  # the graph alone
     np.testing.assert_array_equal(engine_logits(ext.output), engine_logits(single.output))
-    manifest = json.loads((tmp_path / "ext.manifest.json").read_text())
-    assert manifest["data_files"] == ["ext.onnx.data"]
+    assert read_manifest(ext.output).data_files == ("ext.onnx.data",)
 
 
 def test_manifest_describes_the_engine(tiny, tmp_path):
     s = compile_quiet(tiny, tmp_path / "m.onnx")
-    m = json.loads((tmp_path / "m.manifest.json").read_text())
-    assert m["format"] == "dsc-engine" and m["backend"] == "onnx"
-    assert m["checksum"]["value"] == hashlib.sha256(s.output.read_bytes()).hexdigest()
-    assert [i["name"] for i in m["io"]["inputs"][:2]] == ["input_ids", "position_ids"]
-    assert m["io"]["outputs"][0]["name"] == "logits"
-    assert m["kv_cache"]["form"] == "latent"
-    assert [p["name"] for p in m["passes"]] == ["mla-absorb", "expert-fusion", "cleanup"]
-    assert m["model"]["config"]["hidden_size"] == 64
+    assert json.loads((tmp_path / "m.manifest.json").read_text())["format"] == "dsc-engine"
+    m = read_manifest(s.output)
+    assert m.backend == "onnx" and m.format_version == 2 and m.files == ("m.onnx",)
+    assert m.checksum == hashlib.sha256(s.output.read_bytes()).hexdigest()
+    assert [i.name for i in m.inputs[:2]] == ["input_ids", "position_ids"]
+    assert m.outputs[0].name == "logits"
+    assert m.kv_cache.form == "latent"
+    assert [(c.layer, c.role) for c in m.cache] == [(i, "latent") for i in range(3)]
+    assert [p.name for p in m.passes] == ["mla-absorb", "expert-fusion", "cleanup"]
+    assert m.config["hidden_size"] == 64 and m.vocab_size == 256
+    assert Manifest.from_json(m.to_json(), s.output) == m  # one writer, one reader: a lossless round trip
 
 
 def test_generation_is_batched_and_greedy(tiny, tmp_path):

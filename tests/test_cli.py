@@ -212,7 +212,7 @@ def test_quantize_flags_and_report(tmp_path, capsys):
         str(tmp_path / "prompts.txt"),
     )
     assert code == 0
-    assert "FP8 block quantization of" in err and "layer 1" in err
+    assert "block quantization of" in err and "layer 1" in err and "fp8 e4m3, 128x128 block scales" in err
     assert "calibration prompts: max relative logit error" in err and "top-1 agreement" in err
     (tmp_path / "bad.txt").write_text("one,two\n")
     code, _, err = run_cli(

@@ -62,9 +62,9 @@ FORMS = {
 @pytest.mark.parametrize("form", sorted(FORMS))
 def test_onnx_engine_matches_transformers(case: Case, form: str, tmp_path: Path):
     options = FORMS[form]
-    summary = compile_model(case.ckpt, tmp_path / "model.onnx", options, log=lambda _: None)
+    summary = compile_model(case.ckpt, tmp_path / "model.onnx", options)
     engine = OnnxEngine(summary.output, threads=1)
-    assert engine.manifest["kv_cache"]["form"] == ("naive" if form == "naive" else "latent")
+    assert engine.manifest.kv_cache.form == ("naive" if form == "naive" else "latent")
     check_against_reference(
         case, teacher_forced(engine.step, [c.empty(len(PROMPT)) for c in engine.cache], case.generated)
     )

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from dsc.cli import main
 from dsc.commands.compile import CompileOptions, compile_model
-from dsc.errors import CompileError, EngineError
+from dsc.engine_format import read_manifest
+from dsc.errors import DscError, EngineError
 from dsc.runtime.engine import OnnxEngine
 from dsc.runtime.ep import run_expert_parallel
 from dsc.runtime.generate import generate
@@ -20,7 +21,7 @@ RTOL = 1e-5
 
 
 def compile_quiet(src, out, **kw):
-    return compile_model(src, out, CompileOptions(**kw), log=lambda _: None)
+    return compile_model(src, out, CompileOptions(**kw))
 
 
 def single_rank(ckpt: Path, tmp: Path):
@@ -65,8 +66,8 @@ def test_four_ranks_with_replicas_match_single_rank(name, tmp_path):
     placement = tmp_path / "placement.json"
     placement.write_text(json.dumps({"phy2log": [row[::-1]] * layers, "ranks": 4}))
     compile_quiet(ckpt, tmp_path / "ep", ep_size=4, placement=placement)
-    manifest = json.loads((tmp_path / "ep" / "ep.manifest.json").read_text())
-    assert len(manifest["rank_files"]) == 4 and manifest["placement"]["slots"] == 12
+    ep = read_manifest(tmp_path / "ep").expert_parallel
+    assert len(ep.rank_files) == 4 and ep.placement.slots == 12
     assert_same(run_expert_parallel(tmp_path / "ep", 4, PROMPTS, STEPS, keep_logits=True), single_rank(ckpt, tmp_path))
 
 
@@ -83,10 +84,10 @@ def test_dead_rank_fails_every_rank_without_hanging(tmp_path, monkeypatch, capsy
 def test_placement_must_fit_the_model(tmp_path):
     ckpt = save_hf_checkpoint("v3_yarn_grouped", tmp_path / "ckpt")
     (tmp_path / "p.json").write_text(json.dumps({"phy2log": [list(range(8))], "ranks": 2}))
-    with pytest.raises(CompileError, match="covers 1 MoE layers, the model has 2"):
+    with pytest.raises(DscError, match="covers 1 MoE layers, the model has 2"):
         compile_quiet(ckpt, tmp_path / "ep", ep_size=2, placement=tmp_path / "p.json")
     (tmp_path / "p.json").write_text(json.dumps({"phy2log": [[0] * 8, [0] * 8], "ranks": 2}))
-    with pytest.raises(CompileError, match="every one of the 8 experts"):
+    with pytest.raises(DscError, match="every one of the 8 experts"):
         compile_quiet(ckpt, tmp_path / "ep", ep_size=2, placement=tmp_path / "p.json")
     assert not (tmp_path / "ep").exists()
     compile_quiet(ckpt, tmp_path / "ep", ep_size=2)
@@ -140,8 +141,7 @@ def test_profile_place_compile_run_round_trip(tmp_path, capsys):
         )
         == 0
     )
-    manifest = json.loads((tmp_path / "ep" / "ep.manifest.json").read_text())
-    assert manifest["placement"]["phy2log"] == placement["phy2log"]
+    assert read_manifest(tmp_path / "ep").expert_parallel.placement.phy2log == placement["phy2log"]
     assert main(["inspect", str(tmp_path / "ep")]) == 0
     assert "2 redundant slots, max/mean rank load" in capsys.readouterr().out
     assert_same(run_expert_parallel(tmp_path / "ep", 2, PROMPTS, STEPS, keep_logits=True), single_rank(ckpt, tmp_path))

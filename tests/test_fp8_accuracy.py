@@ -30,7 +30,7 @@ def evaluations(tmp_path_factory):
     windows = token_windows((DATA / "heldout.txt").read_text(), WINDOW, WINDOWS)
     results = {}
     for name, options in {"fp32": CompileOptions(), "fp8": CompileOptions(quantize="fp8")}.items():
-        summary = compile_model(DATA / "tiny_trained", out / f"{name}.onnx", options, log=lambda _: None)
+        summary = compile_model(DATA / "tiny_trained", out / f"{name}.onnx", options)
         engine = OnnxEngine(summary.output, threads=1)
         logits, _ = next_token_eval(engine.step, [c.empty(1) for c in engine.cache], windows)
         results[name] = (logits, summary.engine_bytes)

@@ -6,9 +6,9 @@ from pathlib import Path
 import onnx
 import pytest
 from dsc.backends.onnx import lower_to_onnx
+from dsc.commands.inspect import _shape_only_provider
 from dsc.frontends.config import config_from_dict
 from dsc.frontends.trace import trace_model
-from dsc.commands.inspect import _shape_only_provider
 from dsc.ir.types import DType
 from dsc.passes.manager import PassManager
 from dsc.passes.pipeline import build_pipeline

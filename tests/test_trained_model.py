@@ -40,7 +40,7 @@ def hf_model():
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory) -> OnnxEngine:
     path = tmp_path_factory.mktemp("trained") / "m.onnx"
-    compile_model(CKPT, path, CompileOptions(), log=lambda _: None)
+    compile_model(CKPT, path, CompileOptions())
     return OnnxEngine(path, threads=1)
 
 

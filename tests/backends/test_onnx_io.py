@@ -12,9 +12,9 @@ import onnxruntime as ort
 import pytest
 import torch
 from dsc.backends import onnx_io
-from dsc.files import atomic_output, atomic_write_bytes
 from dsc.backends.onnx_io import Initializer, check_model, save_model
 from dsc.errors import CompileError
+from dsc.files import atomic_output, atomic_write_bytes
 from onnx import TensorProto, helper, numpy_helper
 
 

@@ -37,7 +37,7 @@ from dsc.frontends.loader import load_graph
 from dsc.frontends.presets import make_model
 from dsc.passes.manager import PassManager
 from dsc.passes.pipeline import build_pipeline
-from dsc.runtime.engine import read_manifest
+from dsc.engine_format import read_manifest
 from dsc.runtime.generate import generate
 from dsc.runtime.tensorrt_engine import TensorRTEngine
 from hf_reference import hf_reference_logits, rel_error, save_hf_checkpoint
@@ -529,9 +529,8 @@ def fake_trt(monkeypatch) -> dict:
 
 def test_build_and_run_through_the_engine_interface(case: Case, fake_trt: dict, tmp_path: Path):
     plan, cache = tmp_path / "model.plan", tmp_path / "timing.cache"
-    logs: list[str] = []
     profiles = profiles_from_flags(max_batch=2, max_seq_len=32)
-    assert build_engine(case.graph, plan, profiles=profiles, timing_cache=cache, log=logs.append) == plan
+    assert build_engine(case.graph, plan, profiles=profiles, timing_cache=cache) == plan
     assert fake_trt["network_flags"] == 0
     assert fake_trt["onnx_files"] == ["model.onnx", "model.onnx.data"]  # weights as external data
     assert fake_trt["pool"] == ("WORKSPACE", 4 << 30)
@@ -543,10 +542,10 @@ def test_build_and_run_through_the_engine_interface(case: Case, fake_trt: dict, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.manifest.json", "model.plan", "timing.cache"]
 
     manifest = read_manifest(plan)
-    assert manifest["backend"] == "tensorrt" and manifest["engine_file"] == "model.plan"
-    assert manifest["checksum"]["value"] == hashlib.sha256(plan.read_bytes()).hexdigest()
-    assert manifest["kv_cache"]["form"] == "latent" and manifest["model"]["config"]["vocab_size"]
-    trt_info = manifest["tensorrt"]
+    assert manifest.backend == "tensorrt" and manifest.engine_file == "model.plan"
+    assert manifest.checksum == hashlib.sha256(plan.read_bytes()).hexdigest()
+    assert manifest.kv_cache.form == "latent" and manifest.vocab_size
+    trt_info = manifest.tensorrt
     assert trt_info["version"] == "10.99-fake" and trt_info["precision"] == "fp32"
     assert trt_info["workspace_bytes"] == 4 << 30 and trt_info["onnx_opset"] == 20
     assert trt_info["profiles"]["max_past"] == 31 and trt_info["profile_shapes"]["input_ids"][2] == [2, 32]
@@ -562,12 +561,12 @@ def test_build_and_run_through_the_engine_interface(case: Case, fake_trt: dict, 
         engine.step(np.zeros((3, 7), np.int64), np.zeros((3, 7), np.int64), [c.empty(3) for c in engine.cache])
 
 
-def test_reduced_precision_flags_timing_cache_reuse_and_parser_errors(fake_trt: dict, tmp_path: Path):
+def test_reduced_precision_flags_timing_cache_reuse_and_parser_errors(fake_trt: dict, tmp_path: Path, caplog):
     ckpt = make_model("tiny", tmp_path / "ckpt", seed=3)
     graph = compiled_graph(ckpt)
     cache = tmp_path / "timing.cache"
     cache.write_bytes(b"fake-cache:0")
-    logs: list[str] = []
+    caplog.set_level("INFO", logger="dsc")
     build_engine(
         graph,
         tmp_path / "a.plan",
@@ -575,10 +574,9 @@ def test_reduced_precision_flags_timing_cache_reuse_and_parser_errors(fake_trt: 
         precision="bf16",
         workspace_bytes=1 << 30,
         timing_cache=cache,
-        log=logs.append,
     )
     assert fake_trt["config"].flags == {"BF16", "PREFER"} and "cleared" not in fake_trt
-    assert fake_trt["timing_loaded"] == [b"fake-cache:0"] and any("12 bytes from" in line for line in logs)
+    assert fake_trt["timing_loaded"] == [b"fake-cache:0"] and any("12 bytes from" in r.message for r in caplog.records)
     routers = [f"{n.name}/" for n in graph.nodes if n.op.value == "moe_route"]
     pinned = {name for name, _, dtype in fake_trt["output_types"] if dtype == "float32"}
     assert all(name.startswith(tuple(routers)) for name in pinned)
@@ -586,14 +584,14 @@ def test_reduced_precision_flags_timing_cache_reuse_and_parser_errors(fake_trt: 
     assert json.loads((tmp_path / "a.manifest.json").read_text())["tensorrt"]["precision"] == "bf16"
 
     fake_trt["parse_errors"] = [(12, "layers.1.mlp/TopK", "TopK", "K too\nlarge"), (-1, "", "", "graph broken")]
-    logs.clear()
+    caplog.clear()
     with pytest.raises(CompileError) as err:
-        build_engine(graph, tmp_path / "b.plan", profiles=profiles_from_flags(), log=logs.append)
+        build_engine(graph, tmp_path / "b.plan", profiles=profiles_from_flags())
     assert str(err.value) == (
         "TensorRT's ONNX parser refused the model: node 12 'layers.1.mlp/TopK' (TopK): K too large "
         "(and 1 more, listed above)"
     )
-    assert [line for line in logs if "parser:" in line] == [
+    assert [r.message for r in caplog.records if "parser:" in r.message] == [
         "      parser: node 12 'layers.1.mlp/TopK' (TopK): K too large",
         "      parser: graph broken",
     ]
@@ -607,7 +605,7 @@ def test_reduced_precision_flags_timing_cache_reuse_and_parser_errors(fake_trt: 
 
 def test_engine_without_tensorrt_is_an_engine_error(fake_trt: dict, monkeypatch, tmp_path: Path):
     graph = compiled_graph(make_model("tiny", tmp_path / "ckpt", seed=3))
-    plan = build_engine(graph, tmp_path / "m.plan", profiles=profiles_from_flags(), log=lambda _: None)
+    plan = build_engine(graph, tmp_path / "m.plan", profiles=profiles_from_flags())
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     with pytest.raises(EngineError, match=r"m\.plan: TensorRT engines need the 'tensorrt' package"):
         TensorRTEngine(plan, device="cpu")
@@ -638,7 +636,6 @@ def test_tensorrt_plan_matches_transformers(precision: str, rtol: float, tmp_pat
         tmp_path / "tiny.plan",
         profiles=profiles_from_flags(2, 64),
         precision=precision,
-        log=lambda _: None,
     )
     engine = TensorRTEngine(plan)
     logits = teacher_forced(engine.step, [c.empty(len(PROMPT)) for c in engine.cache], generated, steps)

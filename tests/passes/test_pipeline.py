@@ -1,11 +1,11 @@
 """The pass manager and pipeline: verification after each pass, IR printing and dumping, choosing passes."""
 
 import pytest
-from dsc.errors import CompileError
+from dsc.errors import CompileError, DscError
 from dsc.ir import Graph, Node, VerifyError
 from dsc.passes.base import PassResult
 from dsc.passes.manager import PassManager
-from dsc.passes.pipeline import DEFAULT_PIPELINE, build_pipeline
+from dsc.passes.pipeline import DEFAULT_PIPELINE, build_pipeline, format_spec
 from graphs import hand_built_mla
 
 
@@ -13,9 +13,8 @@ def test_default_pipeline_and_disable():
     assert [p.name for p in build_pipeline()] == list(DEFAULT_PIPELINE)
     assert "mla-absorb" not in [p.name for p in build_pipeline(disable=["mla-absorb"])]
     assert [p.name for p in build_pipeline(["cleanup"])] == ["cleanup"]
-    with pytest.raises(
-        CompileError, match="unknown pass 'nope'; known passes: cleanup, expert-fusion, fp8-quantize, mla-absorb"
-    ):
+    known = "cleanup, expert-fusion, expert-placement, fp8-quantize, mla-absorb"
+    with pytest.raises(CompileError, match=f"unknown pass 'nope'; known passes: {known}"):
         build_pipeline(["nope"])
     with pytest.raises(CompileError, match="--disable-pass: unknown pass"):
         build_pipeline(disable=["nope"])
@@ -73,9 +72,56 @@ def test_requires_is_enforced():
         name = "needs"
         requires = ("mla-absorb",)
 
-    with pytest.raises(ValueError, match="requires"):
+    with pytest.raises(CompileError, match="pass needs requires mla-absorb to run before it"):
         PassManager([NeedsAbsorb()], emit=lambda _: None).run(hand_built_mla())
 
 
 def test_quantize_inserts_fp8_before_expert_fusion():
     assert [p.name for p in build_pipeline(quantize=True)] == ["mla-absorb", "fp8-quantize", "expert-fusion", "cleanup"]
+
+
+def test_spec_sets_options_by_field_type():
+    passes = build_pipeline("mla-absorb{fold-q=true, fold-o=false},expert-fusion,cleanup")
+    assert [p.name for p in passes] == ["mla-absorb", "expert-fusion", "cleanup"]
+    assert passes[0].fold_q is True and passes[0].fold_o is False
+    assert format_spec(passes) == "mla-absorb{fold-q=true},expert-fusion,cleanup"
+    assert build_pipeline(format_spec(passes))[0] == passes[0]
+    keep = build_pipeline("fp8-quantize{keep=a.weight;b.weight}")[0]
+    assert keep.keep == ("a.weight", "b.weight")
+    # --pass-option on top of the default pipeline
+    (absorb,) = [p for p in build_pipeline(options={"mla-absorb": {"fold-o": "1"}}) if p.name == "mla-absorb"]
+    assert absorb.fold_o is True and absorb.fold_q is False
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("mla-absorb{fold-q=maybe}", "option 'fold-q' must be true or false, not 'maybe'"),
+        ("mla-absorb{fold-x=true}", r"pass 'mla-absorb' has no option 'fold-x' \(its options: fold-o, fold-q\)"),
+        ("mla-absorb{fold-q}", "option 'fold-q' of mla-absorb is not key=value"),
+        ("mla-absorb{fold-q=true", "is never closed"),
+        ("mla-absorb,,cleanup", "expected a pass name"),
+        ("cleanup,mla-absorb", "'mla-absorb' must run before 'cleanup'"),
+        ("expert-fusion,fp8-quantize", "'fp8-quantize' must run before 'expert-fusion'"),
+        ("cleanup,cleanup", "'cleanup' appears twice"),
+        ("nope{a=1}", "unknown pass 'nope'"),
+    ],
+)
+def test_bad_specs_are_refused_with_the_reason(spec, message):
+    with pytest.raises(CompileError, match=message):
+        build_pipeline(spec)
+
+
+def test_order_constraints_are_checked_by_the_manager():
+    from dsc.passes.cleanup import CleanupPass
+    from dsc.passes.mla_absorb import MlaAbsorbPass
+
+    with pytest.raises(CompileError, match="'mla-absorb' must run before 'cleanup'"):
+        PassManager([CleanupPass(), MlaAbsorbPass()], emit=lambda _: None).run(hand_built_mla())
+
+
+def test_extra_passes_go_where_the_order_wants_them():
+    names = [p.name for p in build_pipeline(extra=[("fp8-quantize", {})])]
+    assert names == ["mla-absorb", "fp8-quantize", "expert-fusion", "cleanup"]
+    with pytest.raises(DscError, match="x: cannot read expert load"):
+        build_pipeline(["mla-absorb"], extra=[("expert-placement", {"load": "x"})])

@@ -1,0 +1,299 @@
+"""The engine format: one typed manifest beside every engine dsc writes, with one writer and one reader.
+
+Every backend (ONNX file, TensorRT plan, expert-parallel directory) ends its ``write`` with
+``finish_engine``, which builds the manifest from the graph (config, I/O, cache layout, pass records, all in
+``graph.meta``), copies the checkpoint's tokenizer beside the engine, and writes both atomically. The runtime,
+``dsc inspect`` and ``dsc verify`` read it back with ``read_manifest`` into the same dataclasses; nothing reads
+the JSON as a raw dict.
+
+Where the manifest lives: ``x.onnx`` / ``x.plan`` -> ``x.manifest.json`` beside it; an expert-parallel
+directory -> ``DIR/ep.manifest.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from dsc import __version__
+from dsc.errors import EngineError
+from dsc.files import atomic_write_bytes, sha256_files
+
+if TYPE_CHECKING:
+    from dsc.ir.graph import Graph, Value
+    from dsc.placement import Placement
+
+FORMAT = "dsc-engine"
+FORMAT_VERSION = 2
+EP_MANIFEST = "ep.manifest.json"
+log = logging.getLogger("dsc")
+
+KV_LAYOUTS = {
+    "naive": "per layer key [batch, past, heads, qk_head_dim] and value [batch, past, heads, v_head_dim]",
+    "latent": "per layer one latent [batch, past, kv_lora_rank + qk_rope_head_dim]: normalized c_kv then rotated k_pe",
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """An engine input or output: name, dtype name and shape (symbolic dims as strings)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+
+    @classmethod
+    def of(cls, v: Value) -> TensorSpec:
+        return cls(v.name, v.type.dtype.value, tuple(v.type.shape))
+
+
+@dataclass(frozen=True)
+class CacheTensor:
+    """One cache tensor: the input it is fed as, the output it comes back as, its layer and role."""
+
+    input: str
+    output: str
+    shape: tuple[int | str, ...]
+    dtype: str
+    layer: int
+    role: str
+
+    def empty(self, batch: int) -> np.ndarray:
+        shape = tuple(batch if d == "batch" else 0 if d == "past" else d for d in self.shape)
+        return np.zeros(shape, dtype=np.dtype(self.dtype))
+
+
+@dataclass(frozen=True)
+class KvCache:
+    form: str  # "latent" (MLA absorbed) or "naive" (per-head keys and values)
+    layout: str
+    bytes_per_token: int
+    tensors: tuple[CacheTensor, ...]
+
+
+@dataclass(frozen=True)
+class PassEntry:
+    name: str
+    modified: bool
+    stats: dict[str, Any]
+    nodes_before: int
+    nodes_after: int
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A dense piece of an expert-parallel engine."""
+
+    file: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class MoeCut:
+    """A MoE layer run across ranks between two segments: the values it reads and the one it defines."""
+
+    layer: int
+    x: str
+    weights: str
+    experts: str
+    output: str
+    top_k: int
+
+
+@dataclass(frozen=True)
+class ExpertParallel:
+    ranks: int
+    segments: tuple[Segment, ...]
+    moe_layers: tuple[MoeCut, ...]
+    rank_files: tuple[tuple[str, ...], ...]
+    placement: Placement
+
+
+@dataclass(frozen=True)
+class Manifest:
+    backend: str  # "onnx" or "tensorrt"
+    config: dict[str, Any]  # the model's config (ModelConfig.to_dict())
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    kv_cache: KvCache
+    params: int
+    active_params_per_token: int
+    passes: tuple[PassEntry, ...]
+    files: tuple[str, ...]  # engine file(s) first, then data files; what the checksum covers
+    checksum: str  # sha256 over ``files`` in order
+    mtp_layers: int = 0
+    skipped_tensors: int = 0
+    tokenizer: str | None = None  # file name beside the engine
+    tensorrt: dict[str, Any] | None = None  # plan build facts (backends/tensorrt.py)
+    expert_parallel: ExpertParallel | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # backend-specific facts (e.g. weight formats)
+    dsc_version: str = __version__
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.config["vocab_size"])
+
+    @property
+    def engine_file(self) -> str | None:
+        return self.files[0] if self.files and self.expert_parallel is None else None
+
+    @property
+    def data_files(self) -> tuple[str, ...]:
+        return self.files[1:] if self.expert_parallel is None else ()
+
+    @property
+    def cache(self) -> tuple[CacheTensor, ...]:
+        return self.kv_cache.tensors
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": FORMAT, **_plain(dataclasses.asdict(self))}
+
+    @classmethod
+    def from_json(cls, data: Any, source: Path) -> Manifest:
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise EngineError(f"{source}: not a dsc engine manifest")
+        if data.get("format_version") != FORMAT_VERSION:
+            raise EngineError(
+                f"{source}: engine format version {data.get('format_version')}, this dsc reads {FORMAT_VERSION} "
+                "(recompile the engine)"
+            )
+        try:
+            return _build(cls, data)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise EngineError(f"{source}: malformed manifest ({type(exc).__name__}: {exc})") from None
+
+
+def _plain(x: Any) -> Any:
+    """JSON-able form: tuples as lists, recursively (dataclasses.asdict already expanded the dataclasses)."""
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+def _build(cls: type, data: Any) -> Any:
+    """Rebuild dataclass ``cls`` from its JSON form, following the field annotations."""
+    from dsc.placement import Placement
+
+    hints = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, f in hints.items():
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise KeyError(name)
+            continue
+        kwargs[name] = _field(str(f.type), data[name], Placement)
+    return cls(**kwargs)
+
+
+_NESTED = {
+    "TensorSpec": TensorSpec,
+    "CacheTensor": CacheTensor,
+    "KvCache": KvCache,
+    "PassEntry": PassEntry,
+    "Segment": Segment,
+    "MoeCut": MoeCut,
+    "ExpertParallel": ExpertParallel,
+}
+
+
+def _field(annotation: str, value: Any, placement_cls: type) -> Any:
+    if value is None:
+        return None
+    head = annotation.split(" | ")[0]
+    if head == "Placement":
+        return placement_cls.from_json(value)
+    if head in _NESTED:
+        return _build(_NESTED[head], value)
+    if head.startswith("tuple["):
+        inner = head[len("tuple[") : -1].split(", ")[0]
+        return tuple(_field(inner, v, placement_cls) for v in value)
+    return value
+
+
+# -- where manifests live ------------------------------------------------------------------------------------
+def manifest_path(engine: Path) -> Path:
+    """``x.onnx`` -> ``x.manifest.json``; an expert-parallel directory -> ``DIR/ep.manifest.json``."""
+    engine = Path(engine)
+    if engine.is_dir() or not engine.suffix:
+        return engine / EP_MANIFEST
+    return engine.with_name(engine.stem + ".manifest.json")
+
+
+def read_manifest(engine: Path) -> Manifest:
+    """The manifest of an engine file or expert-parallel directory, checked against the files it names."""
+    engine = Path(engine)
+    path = manifest_path(engine)
+    if not engine.exists():
+        raise EngineError(f"{engine}: engine not found")
+    if not path.is_file():
+        what = "ep.manifest.json" if engine.is_dir() else "manifest"
+        raise EngineError(f"{path}: {what} not found beside the engine (dsc compile writes it)")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise EngineError(f"{path}: unreadable manifest: {exc}") from exc
+    return Manifest.from_json(data, path)
+
+
+def write_manifest(manifest: Manifest, path: Path) -> None:
+    atomic_write_bytes(path, (json.dumps(manifest.to_json(), indent=2, sort_keys=True) + "\n").encode())
+
+
+# -- building a manifest from the compiled graph -------------------------------------------------------------
+def manifest_from_graph(graph: Graph, *, backend: str, files: list[Path], **fields: Any) -> Manifest:
+    """The manifest of ``graph`` compiled into ``files``: everything comes from the graph and its metadata."""
+    from dsc.ir.analysis import active_params, kv_bytes_per_token
+
+    cfg = graph.meta["model_config"]
+    values = {v.name: v for v in [*graph.inputs, *graph.outputs]}
+    form = graph.meta.get("kv_cache_form", "naive")
+    cache = tuple(
+        CacheTensor(
+            c.past, c.present, tuple(values[c.past].type.shape), values[c.past].type.dtype.value, c.layer, c.role
+        )
+        for c in graph.cache_entries()
+    )
+    return Manifest(
+        backend=backend,
+        config=cfg.to_dict(),
+        inputs=tuple(TensorSpec.of(v) for v in graph.inputs),
+        outputs=tuple(TensorSpec.of(v) for v in graph.outputs),
+        kv_cache=KvCache(form, KV_LAYOUTS[form], kv_bytes_per_token(graph), cache),
+        params=graph.param_count(),
+        active_params_per_token=active_params(graph),
+        passes=tuple(PassEntry(**r) for r in graph.meta.get("pass_records", ())),
+        files=tuple(p.name if p.parent == files[0].parent else str(p.relative_to(files[0].parent)) for p in files),
+        checksum=sha256_files(files),
+        mtp_layers=cfg.num_nextn_predict_layers,
+        skipped_tensors=len(graph.meta.get("skipped_keys", ())),
+        **fields,
+    )
+
+
+def finish_engine(graph: Graph, *, backend: str, engine: Path, files: list[Path], **fields: Any) -> Manifest:
+    """Copy the checkpoint's tokenizer beside the engine and write the manifest. On any failure every file of
+    the engine is removed: an engine never stays without its manifest."""
+    written = list(files)
+    try:
+        tokenizer = graph.meta.get("tokenizer_path")
+        if tokenizer is not None and "tokenizer" not in fields:
+            tok = (engine / "tokenizer.json") if engine.is_dir() else engine.with_name(engine.stem + ".tokenizer.json")
+            atomic_write_bytes(tok, Path(tokenizer).read_bytes())
+            written.append(tok)
+            fields["tokenizer"] = tok.name
+        manifest = manifest_from_graph(graph, backend=backend, files=files, **fields)
+        write_manifest(manifest, manifest_path(engine))
+    except BaseException:
+        for p in written:
+            p.unlink(missing_ok=True)
+        raise
+    return manifest
