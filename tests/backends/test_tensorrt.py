@@ -32,12 +32,12 @@ from dsc.backends.onnx_io import ONNX_DTYPES, save_model
 from dsc.backends.tensorrt import Profiles, build_engine, profiles_from_flags, tensorrt_onnx
 from dsc.backends.tensorrt_ops import OP_TYPES, TENSORRT_VERSION, check_model_supported
 from dsc.backends.tensorrt_support import HINT, require_tensorrt
+from dsc.engine_format import read_manifest
 from dsc.errors import CompileError, EngineError
 from dsc.frontends.loader import load_graph
 from dsc.frontends.presets import make_model
 from dsc.passes.manager import PassManager
 from dsc.passes.pipeline import build_pipeline
-from dsc.engine_format import read_manifest
 from dsc.runtime.generate import generate
 from dsc.runtime.tensorrt_engine import TensorRTEngine
 from hf_reference import hf_reference_logits, rel_error, save_hf_checkpoint
