@@ -540,6 +540,9 @@ def lower_to_onnx(
             else:
                 ins.append(v.name)
         rec.lower(Tape(e, node, rec), node, ins)
+    produced = {name for nd in e.nodes for name in nd.output}
+    missing = [v.name for nd in graph.nodes for v in nd.outputs if v.name not in produced]
+    assert not missing, f"lowerings left IR values unwritten (a lowering must end with Tape.result): {missing[:5]}"
     onnx_graph = helper.make_graph(
         e.nodes, graph.name, [_value_info(v) for v in graph.inputs], [_value_info(v) for v in graph.outputs]
     )

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from dsc.backends.onnx import LOWERINGS, MOE_LOWERINGS, lower_to_onnx
+from dsc.backends.onnx import LOWERINGS, MOE_LOWERINGS, Lowering, lower_to_onnx
 from dsc.backends.onnx_io import save_model
 from dsc.ir.graph import Constant, Graph, GraphBuilder, Op, Stacked, Value
 from dsc.ir.interpreter import interpret
@@ -301,3 +301,10 @@ def test_lowering_matches_reference(name: str, tmp_path: Path):
             )
         else:
             assert torch.equal(torch.from_numpy(out), ref), f"{v.name}: {out} != {ref}"
+
+
+def test_a_lowering_that_leaves_its_output_unwritten_is_caught(monkeypatch):
+    half_done = Lowering(Op.SILU, lambda t, n, ins: t.op("Sigmoid", ins))  # forgot the Mul into the IR output
+    monkeypatch.setitem(LOWERINGS, Op.SILU, half_done)
+    with pytest.raises(AssertionError, match="unwritten"):
+        lower_to_onnx(CASES["silu"].build(OneNode()))
