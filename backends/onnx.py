@@ -6,70 +6,79 @@ Conventions of the emitted model (also recorded in the manifest):
   layout is sequence-major, not head-major);
 - outputs ``logits`` float32 [batch, seq, vocab] and ``present.{i}.key`` / ``.value`` [batch, past+seq, ...];
 - linear weights are stored transposed, [in, out], so each linear layer is a single MatMul.
+
+Everything the backend knows about one IR op is one ``Lowering`` record in ``LOWERINGS``: the function that
+emits its ONNX nodes through a ``Tape`` bound to the IR node, which weight inputs are stored transposed, and
+which weight inputs the lowering lays out itself. tests/backends/test_lowerings.py runs every record against
+the op's reference implementation.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
 import torch
-from dsc.backends.onnx_io import Initializer
-from dsc.ir.graph import Graph, Node, Op, Stacked, Value
+from dsc.backends.onnx_io import ONNX_DTYPES, Initializer
+from dsc.ir.graph import Graph, Node, Op, Stacked, Value, Weight
 from dsc.ir.ops import FP8_BLOCK
-from dsc.ir.types import DType
 from onnx import TensorProto, helper
 
 OPSET = 21
-
-_ONNX_DTYPE = {
-    DType.F32: TensorProto.FLOAT,
-    DType.F16: TensorProto.FLOAT16,
-    DType.BF16: TensorProto.BFLOAT16,
-    DType.F8E4M3: TensorProto.FLOAT8E4M3FN,
-    DType.I64: TensorProto.INT64,
-    DType.I32: TensorProto.INT32,
-    DType.BOOL: TensorProto.BOOL,
-}
+_ZERO = helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0])  # ConstantOfShape's fill value
 
 
 def _value_info(v: Value) -> onnx.ValueInfoProto:
     dims = [d if isinstance(d, int) else str(d) for d in v.type.shape]
-    return helper.make_tensor_value_info(v.name, _ONNX_DTYPE[v.type.dtype], dims)
+    return helper.make_tensor_value_info(v.name, ONNX_DTYPES[v.type.dtype.torch], dims)
 
 
+# -- the record --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Layout:
+    """An initializer a lowering builds itself from some of its node's weight inputs (say gate and up
+    interleaved into one matrix). ``build(node, *weights)`` runs at write time, expert by expert."""
+
+    inputs: tuple[int, ...]
+    build: Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Lowering:
+    """Everything the ONNX backend needs about one IR op.
+
+    ``lower(tape, node, ins)`` emits the op's ONNX nodes; ``ins`` are the ONNX names of the node's inputs ("" for
+    inputs in ``layouts``, which the lowering fetches with ``tape.owned``). Weight inputs listed in ``transposed``
+    are stored with their last two axes swapped ([in, out]) because they are the right-hand side of a MatMul."""
+
+    op: Op
+    lower: Callable[[Tape, Node, list[str]], None]
+    transposed: tuple[int, ...] = ()
+    layouts: Mapping[str, Layout] = field(default_factory=dict)
+
+    @property
+    def owned(self) -> frozenset[int]:
+        """Weight inputs the lowering lays out itself: the generic weight writer skips them."""
+        return frozenset(i for layout in self.layouts.values() for i in layout.inputs)
+
+
+# -- the model being built, and the per-node tape that lowerings write to ----------------------------
 @dataclass
 class _Emitter:
+    """The ONNX nodes and initializers emitted so far, and every name taken (IR values included)."""
+
     graph: Graph
+    moe_lowering: str = "contrib"
     nodes: list[onnx.NodeProto] = field(default_factory=list)
     initializers: list[Initializer] = field(default_factory=list)
-    moe_lowering: str = "contrib"
-    rope_tables: dict[tuple, tuple[str, str]] = field(default_factory=dict)
-    masks: dict[tuple, str] = field(default_factory=dict)
-    _consts: dict[tuple, str] = field(default_factory=dict)
     _names: set[str] = field(default_factory=set)
+    _consts: dict[tuple, str] = field(default_factory=dict)
     _owned: dict[tuple, str] = field(default_factory=dict)
-
-    def owned_weight(self, node: Node, layout: str) -> str:
-        """An initializer built by a lowering from some of ``node``'s weight inputs (one per layout)."""
-        inputs, fn = _OWNED_LAYOUTS[layout](node)
-        weights = [self.graph.weights[node.inputs[i].name] for i in inputs]
-        key = (layout, tuple(w.name for w in weights))
-        if key not in self._owned:
-            sample = fn(
-                *(torch.empty(w.value.type.shape, dtype=w.value.type.dtype.torch, device="meta") for w in weights)
-            )
-            name = self.fresh(f"{weights[0].name}.{layout}")
-            build = _per_expert(fn)
-            self.initializers.append(
-                Initializer(
-                    name, sample.dtype, tuple(sample.shape), lambda ws=weights, b=build: b(*(w.source for w in ws))
-                )
-            )
-            self._owned[key] = name
-        return self._owned[key]
+    _shared: dict[Hashable, Any] = field(default_factory=dict)
 
     def fresh(self, hint: str) -> str:
         name, i = hint, 0
@@ -79,12 +88,7 @@ class _Emitter:
         self._names.add(name)
         return name
 
-    def emit(self, op_type: str, inputs: list[str], n_out: int = 1, *, name: str, outputs=None, **attrs):
-        outs = outputs or [self.fresh(f"{name}/{op_type}") for _ in range(n_out)]
-        self.nodes.append(helper.make_node(op_type, inputs, outs, name=self.fresh(f"{name}/{op_type}"), **attrs))
-        return outs[0] if n_out == 1 else outs
-
-    def const(self, array: np.ndarray, hint: str = "const") -> str:
+    def const(self, array: np.ndarray, hint: str) -> str:
         """A small constant initializer, shared between all users of equal content."""
         key = (array.dtype.str, array.shape, array.tobytes())
         if key not in self._consts:
@@ -94,42 +98,99 @@ class _Emitter:
             self._consts[key] = name
         return self._consts[key]
 
-    def i64(self, values, hint="i64") -> str:
-        return self.const(np.asarray(values, dtype=np.int64), hint)
+    def owned_weight(self, layout: str, weights: list[Weight], fn: Callable[..., torch.Tensor]) -> str:
+        """The initializer ``fn(*weights)``, declared once per (layout, weights) with its shape from meta tensors."""
+        key = (layout, tuple(w.name for w in weights))
+        if key not in self._owned:
+            sample = fn(
+                *(torch.empty(w.value.type.shape, dtype=w.value.type.dtype.torch, device="meta") for w in weights)
+            )
+            name = self.fresh(f"{weights[0].name}.{layout}")
+            build = _per_expert(fn)
+            self.initializers.append(
+                Initializer(name, sample.dtype, tuple(sample.shape), lambda: build(*(w.source for w in weights)))
+            )
+            self._owned[key] = name
+        return self._owned[key]
 
-    def f32(self, values, hint="f32") -> str:
-        return self.const(np.asarray(values, dtype=np.float32), hint)
+
+@dataclass(frozen=True)
+class Tape:
+    """Emits the ONNX nodes of one IR node. Every ONNX node and fresh value is named ``{node}/{op_type}`` (made
+    unique), so a profile or an error in the ONNX model points back at the IR node it came from."""
+
+    e: _Emitter
+    node: Node
+    lowering: Lowering
+
+    def _emit(self, op_type: str, inputs: Sequence[str], outputs: list[str], attrs: dict) -> None:
+        name = self.e.fresh(f"{self.node.name}/{op_type}")
+        self.e.nodes.append(helper.make_node(op_type, list(inputs), outputs, name=name, **attrs))
+
+    def op(self, op_type: str, inputs: Sequence[str], **attrs) -> str:
+        """One ONNX node with one fresh output."""
+        return self.op_multi(op_type, inputs, 1, **attrs)[0]
+
+    def op_multi(self, op_type: str, inputs: Sequence[str], n_out: int, **attrs) -> list[str]:
+        outputs = [self.e.fresh(f"{self.node.name}/{op_type}") for _ in range(n_out)]
+        self._emit(op_type, inputs, outputs, attrs)
+        return outputs
+
+    def result(self, op_type: str, inputs: Sequence[str], outputs: Sequence[Value] | None = None, **attrs) -> None:
+        """The ONNX node that computes the IR node's outputs (all of them, or those given), under their IR names."""
+        self._emit(op_type, inputs, [v.name for v in (self.node.outputs if outputs is None else outputs)], attrs)
+
+    def i64(self, values, hint: str = "i64") -> str:
+        return self.e.const(np.asarray(values, dtype=np.int64), hint)
+
+    def f32(self, values, hint: str = "f32") -> str:
+        return self.e.const(np.asarray(values, dtype=np.float32), hint)
+
+    def shared(self, key: Hashable, build: Callable[[], Any]) -> Any:
+        """``build()`` once per graph for each key: nodes that many IR nodes can reuse (rope tables, masks)."""
+        if key not in self.e._shared:
+            self.e._shared[key] = build()
+        return self.e._shared[key]
+
+    def owned(self, layout: str) -> str:
+        """The initializer that this op's ``layout`` builds from the node's weights."""
+        spec = self.lowering.layouts[layout]
+        weights = [self.e.graph.weights[self.node.inputs[i].name] for i in spec.inputs]
+        return self.e.owned_weight(layout, weights, functools.partial(spec.build, self.node))
+
+    @property
+    def moe_lowering(self) -> str:
+        return self.e.moe_lowering
 
 
-# -- per-op lowerings: (emitter, node, input names) -> output names ----------------------------------
-def _dequantize(e: _Emitter, n: Node, weight: str, scale: str, axis: int) -> str:
+# -- per-op lowerings: (tape, node, input names) -> None; the last node writes the IR outputs ---------
+def _dequantize(t: Tape, weight: str, scale: str, axis: int) -> str:
     """FP8 weights in the file, float32 at run time: DequantizeLinear with blocks of 128 along one axis (opset
     21; onnxruntime's CPU kernel and TensorRT block along one axis only, so DeepSeek's 128x128 block scales are
     repeated along the other axis: 4 bytes per 128 weights, DESIGN.md §5)."""
-    return e.emit("DequantizeLinear", [weight, scale], name=n.name, axis=axis, block_size=FP8_BLOCK)
+    return t.op("DequantizeLinear", [weight, scale], axis=axis, block_size=FP8_BLOCK)
 
 
-def _linear(e: _Emitter, n: Node, ins: list[str]) -> list[str]:
+def _linear(t: Tape, n: Node, ins: list[str]) -> None:
     weight = ins[1]
     if len(n.inputs) == 3:  # FP8: weight stored [in, out], scales [in / 128, out]
-        weight = _dequantize(e, n, weight, e.owned_weight(n, "linear_scale_t"), axis=0)
-    return [e.emit("MatMul", [ins[0], weight], name=n.name, outputs=[n.output.name])]
+        weight = _dequantize(t, weight, t.owned("linear_scale_t"), axis=0)
+    t.result("MatMul", [ins[0], weight])
 
 
-def _head_linear(e: _Emitter, n: Node, ins: list[str]) -> list[str]:
+def _head_linear(t: Tape, n: Node, ins: list[str]) -> None:
     # x[..., H, in] -> [..., H, 1, in] @ w[H, in, out] -> [..., H, 1, out] -> [..., H, out]
-    x = e.emit("Unsqueeze", [ins[0], e.i64([-2])], name=n.name)
-    y = e.emit("MatMul", [x, ins[1]], name=n.name)
-    return [e.emit("Squeeze", [y, e.i64([-2])], name=n.name, outputs=[n.output.name])]
+    x = t.op("Unsqueeze", [ins[0], t.i64([-2])])
+    y = t.op("MatMul", [x, ins[1]])
+    t.result("Squeeze", [y, t.i64([-2])])
 
 
-def _rms_norm(e: _Emitter, n: Node, ins: list[str]) -> list[str]:
+def _rms_norm(t: Tape, n: Node, ins: list[str]) -> None:
     x, w = ins
-    sq = e.emit("Pow", [x, e.f32(2.0)], name=n.name)  # Pow, not Mul: onnxruntime fuses this RMSNorm form
-    ms = e.emit("ReduceMean", [sq, e.i64([-1])], name=n.name, keepdims=1)
-    denom = e.emit("Sqrt", [e.emit("Add", [ms, e.f32(n.attrs["eps"])], name=n.name)], name=n.name)
-    normed = e.emit("Div", [x, denom], name=n.name)
-    return [e.emit("Mul", [normed, w], name=n.name, outputs=[n.output.name])]
+    sq = t.op("Pow", [x, t.f32(2.0)])  # Pow, not Mul: onnxruntime fuses this RMSNorm form
+    ms = t.op("ReduceMean", [sq, t.i64([-1])], keepdims=1)
+    denom = t.op("Sqrt", [t.op("Add", [ms, t.f32(n.attrs["eps"])])])
+    t.result("Mul", [t.op("Div", [x, denom]), w])
 
 
 def _rotation(half: int, interleaved: bool) -> np.ndarray:
@@ -142,179 +203,139 @@ def _rotation(half: int, interleaved: bool) -> np.ndarray:
     return r
 
 
-def _rope(e: _Emitter, n: Node, ins: list[str]) -> list[str]:
+def _rope(t: Tape, n: Node, ins: list[str]) -> None:
     """x * cos + (x @ R) * sin, with cos/sin over the full head dim computed once per graph and shared by every
     rope of the same positions and frequencies (four kernels per rope instead of about twenty)."""
     x, pos = ins
     a, rank = n.attrs, n.inputs[0].type.rank
-    half = len(a["inv_freq"])
-    key = (pos, a["inv_freq"], a["scaling"], a["interleaved"], rank)
-    if key not in e.rope_tables:
+
+    def tables() -> tuple[str, str]:
         inv = np.repeat(a["inv_freq"], 2) if a["interleaved"] else np.tile(a["inv_freq"], 2)
-        posf = e.emit("Unsqueeze", [e.emit("Cast", [pos], name=n.name, to=TensorProto.FLOAT), e.i64([-1])], name=n.name)
-        freqs = e.emit("Mul", [posf, e.f32(inv, "inv_freq")], name=n.name)  # [b, s, d]
+        posf = t.op("Unsqueeze", [t.op("Cast", [pos], to=TensorProto.FLOAT), t.i64([-1])])
+        freqs = t.op("Mul", [posf, t.f32(inv, "inv_freq")])  # [b, s, d]
         if rank == 4:
-            freqs = e.emit("Unsqueeze", [freqs, e.i64([2])], name=n.name)  # [b, s, 1, d]
-        cos, sin = e.emit("Cos", [freqs], name=n.name), e.emit("Sin", [freqs], name=n.name)
+            freqs = t.op("Unsqueeze", [freqs, t.i64([2])])  # [b, s, 1, d]
+        cos, sin = t.op("Cos", [freqs]), t.op("Sin", [freqs])
         if a["scaling"] != 1.0:
-            cos = e.emit("Mul", [cos, e.f32(a["scaling"])], name=n.name)
-            sin = e.emit("Mul", [sin, e.f32(a["scaling"])], name=n.name)
-        e.rope_tables[key] = (cos, sin)
-    cos, sin = e.rope_tables[key]
-    rotated = e.emit("MatMul", [x, e.f32(_rotation(half, a["interleaved"]), "rope_rotation")], name=n.name)
-    return [
-        e.emit(
-            "Add",
-            [e.emit("Mul", [x, cos], name=n.name), e.emit("Mul", [rotated, sin], name=n.name)],
-            name=n.name,
-            outputs=[n.output.name],
-        )
-    ]
+            cos = t.op("Mul", [cos, t.f32(a["scaling"])])
+            sin = t.op("Mul", [sin, t.f32(a["scaling"])])
+        return cos, sin
+
+    cos, sin = t.shared(("rope", pos, a["inv_freq"], a["scaling"], a["interleaved"], rank), tables)
+    rotated = t.op("MatMul", [x, t.f32(_rotation(len(a["inv_freq"]), a["interleaved"]), "rope_rotation")])
+    t.result("Add", [t.op("Mul", [x, cos]), t.op("Mul", [rotated, sin])])
 
 
-def _attention(e: _Emitter, n: Node, ins: list[str]) -> list[str]:
+def _attention(t: Tape, n: Node, ins: list[str]) -> None:
     q, k, v = ins
-    qh = e.emit("Transpose", [q], name=n.name, perm=[0, 2, 1, 3])  # [b, h, s, d]
-    kt = e.emit("Transpose", [k], name=n.name, perm=[0, 2, 3, 1])  # [b, h, d, T]
-    vh = e.emit("Transpose", [v], name=n.name, perm=[0, 2, 1, 3])  # [b, h, T, dv]
-    scores = e.emit("Mul", [e.emit("MatMul", [qh, kt], name=n.name), e.f32(n.attrs["scale"])], name=n.name)
-    # Causal mask with the cache in front: key j is hidden from query i when j > (T - s) + i. Every attention
-    # with the same symbolic (s, T) shares one mask.
-    key = (n.inputs[0].type.shape[1], n.inputs[1].type.shape[1])
-    if key not in e.masks:
-        s_len = e.emit("Gather", [e.emit("Shape", [q], name=n.name), e.i64(1)], name=n.name, axis=0)
-        t_len = e.emit("Gather", [e.emit("Shape", [k], name=n.name), e.i64(1)], name=n.name, axis=0)
-        zero, one = e.i64(0), e.i64(1)
-        offset = e.emit("Sub", [t_len, s_len], name=n.name)
-        rows = e.emit("Add", [e.emit("Range", [zero, s_len, one], name=n.name), offset], name=n.name)
-        cols = e.emit("Range", [zero, t_len, one], name=n.name)
-        e.masks[key] = e.emit("Greater", [cols, e.emit("Unsqueeze", [rows, e.i64([1])], name=n.name)], name=n.name)
-    hidden = e.masks[key]
-    masked = e.emit("Where", [hidden, e.f32(-np.inf), scores], name=n.name)
-    probs = e.emit("Softmax", [masked], name=n.name, axis=-1)
-    out = e.emit("MatMul", [probs, vh], name=n.name)
-    return [e.emit("Transpose", [out], name=n.name, perm=[0, 2, 1, 3], outputs=[n.output.name])]
+    qh = t.op("Transpose", [q], perm=[0, 2, 1, 3])  # [b, h, s, d]
+    kt = t.op("Transpose", [k], perm=[0, 2, 3, 1])  # [b, h, d, T]
+    vh = t.op("Transpose", [v], perm=[0, 2, 1, 3])  # [b, h, T, dv]
+    scores = t.op("Mul", [t.op("MatMul", [qh, kt]), t.f32(n.attrs["scale"])])
+
+    def causal_mask() -> str:
+        """Key j is hidden from query i when j > (T - s) + i: the cache sits in front of the new tokens."""
+        s_len = t.op("Gather", [t.op("Shape", [q]), t.i64(1)], axis=0)
+        t_len = t.op("Gather", [t.op("Shape", [k]), t.i64(1)], axis=0)
+        zero, one = t.i64(0), t.i64(1)
+        offset = t.op("Sub", [t_len, s_len])
+        rows = t.op("Add", [t.op("Range", [zero, s_len, one]), offset])
+        cols = t.op("Range", [zero, t_len, one])
+        return t.op("Greater", [cols, t.op("Unsqueeze", [rows, t.i64([1])])])
+
+    # Every attention with the same symbolic (s, T) shares one mask.
+    hidden = t.shared(("mask", n.inputs[0].type.shape[1], n.inputs[1].type.shape[1]), causal_mask)
+    probs = t.op("Softmax", [t.op("Where", [hidden, t.f32(-np.inf), scores])], axis=-1)
+    t.result("Transpose", [t.op("MatMul", [probs, vh])], perm=[0, 2, 1, 3])
 
 
-def _moe_route(e: _Emitter, n: Node, ins: list[str]) -> list[str]:
+def _keep_top_groups(t: Tape, n: Node, choice: str) -> str:
+    """Group-limited routing: only the experts of the ``topk_group`` best groups stay candidates (the others get
+    -inf for noaux_tc, 0 for group_limited_greedy, as DeepSeek's reference does)."""
     a = n.attrs
-    x, gate = ins[0], ins[1]
-    n_exp, k, groups = a["num_experts"], a["top_k"], a["n_group"]
-    logits = e.emit("MatMul", [x, gate], name=n.name)  # gate stored [H, E]
-    scores = e.emit(
-        "Sigmoid" if a["scoring"] == "sigmoid" else "Softmax",
-        [logits],
-        name=n.name,
-        **({} if a["scoring"] == "sigmoid" else {"axis": -1}),
-    )
-    choice = e.emit("Add", [scores, ins[2]], name=n.name) if len(ins) > 2 else scores
-    if a["method"] in ("noaux_tc", "group_limited_greedy") and groups > 1:
-        grouped = e.emit("Reshape", [choice, e.i64([0, 0, groups, n_exp // groups])], name=n.name)
-        if a["method"] == "noaux_tc":
-            top2, _ = e.emit("TopK", [grouped, e.i64([2])], 2, name=n.name, axis=-1)
-            group_scores = e.emit("ReduceSum", [top2, e.i64([-1])], name=n.name, keepdims=0)
-        else:
-            group_scores = e.emit("ReduceMax", [grouped, e.i64([-1])], name=n.name, keepdims=0)
-        _, top_groups = e.emit("TopK", [group_scores, e.i64([a["topk_group"]])], 2, name=n.name, axis=-1)
-        zeros = e.emit("Mul", [group_scores, e.f32(0.0)], name=n.name)
-        ones = e.emit(
-            "Add",
-            [
-                e.emit("Slice", [zeros, e.i64([0]), e.i64([a["topk_group"]]), e.i64([-1])], name=n.name),
-                e.f32(1.0),
-            ],
-            name=n.name,
-        )
-        group_mask = e.emit("ScatterElements", [zeros, top_groups, ones], name=n.name, axis=-1)
-        expert_mask = e.emit(
-            "Reshape",
-            [
-                e.emit(
-                    "Expand",
-                    [
-                        e.emit("Unsqueeze", [group_mask, e.i64([-1])], name=n.name),
-                        e.i64([1, 1, 1, n_exp // groups]),
-                    ],
-                    name=n.name,
-                ),
-                e.i64([0, 0, n_exp]),
-            ],
-            name=n.name,
-        )
-        keep = e.emit("Cast", [expert_mask], name=n.name, to=TensorProto.BOOL)
-        fill = -np.inf if a["method"] == "noaux_tc" else 0.0
-        choice = e.emit("Where", [keep, choice, e.f32(fill)], name=n.name)
-    _, experts = e.emit("TopK", [choice, e.i64([k])], 2, name=n.name, axis=-1)
-    weights = e.emit("GatherElements", [scores, experts], name=n.name, axis=-1)
-    if a["norm_topk_prob"] and k > 1:
-        total = e.emit("ReduceSum", [weights, e.i64([-1])], name=n.name, keepdims=1)
-        weights = e.emit("Div", [weights, e.emit("Add", [total, e.f32(1e-20)], name=n.name)], name=n.name)
-    out_w = e.emit("Mul", [weights, e.f32(a["scaling"])], name=n.name, outputs=[n.outputs[0].name])
-    ident = e.emit("Identity", [experts], name=n.name, outputs=[n.outputs[1].name])
-    return [out_w, ident]
+    groups, per_group = a["n_group"], a["num_experts"] // a["n_group"]
+    grouped = t.op("Reshape", [choice, t.i64([0, 0, groups, per_group])])
+    if a["method"] == "noaux_tc":  # a group scores the sum of its two best experts
+        top2, _ = t.op_multi("TopK", [grouped, t.i64([2])], 2, axis=-1)
+        group_scores = t.op("ReduceSum", [top2, t.i64([-1])], keepdims=0)
+    else:
+        group_scores = t.op("ReduceMax", [grouped, t.i64([-1])], keepdims=0)
+    _, top_groups = t.op_multi("TopK", [group_scores, t.i64([a["topk_group"]])], 2, axis=-1)
+    zeros = t.op("Mul", [group_scores, t.f32(0.0)])
+    ones = t.op("Add", [t.op("Slice", [zeros, t.i64([0]), t.i64([a["topk_group"]]), t.i64([-1])]), t.f32(1.0)])
+    group_mask = t.op("ScatterElements", [zeros, top_groups, ones], axis=-1)
+    per_expert = t.op("Expand", [t.op("Unsqueeze", [group_mask, t.i64([-1])]), t.i64([1, 1, 1, per_group])])
+    keep = t.op("Cast", [t.op("Reshape", [per_expert, t.i64([0, 0, a["num_experts"]])])], to=TensorProto.BOOL)
+    return t.op("Where", [keep, choice, t.f32(-np.inf if a["method"] == "noaux_tc" else 0.0)])
 
 
-def _moe_combine(e: _Emitter, n: Node, ins: list[str]) -> list[str]:
+def _moe_route(t: Tape, n: Node, ins: list[str]) -> None:
+    a = n.attrs
+    logits = t.op("MatMul", [ins[0], ins[1]])  # gate stored [H, E]
+    scores = t.op("Sigmoid", [logits]) if a["scoring"] == "sigmoid" else t.op("Softmax", [logits], axis=-1)
+    choice = t.op("Add", [scores, ins[2]]) if len(ins) > 2 else scores  # the bias steers choice, not weight
+    if a["method"] in ("noaux_tc", "group_limited_greedy") and a["n_group"] > 1:
+        choice = _keep_top_groups(t, n, choice)
+    _, experts = t.op_multi("TopK", [choice, t.i64([a["top_k"]])], 2, axis=-1)
+    weights = t.op("GatherElements", [scores, experts], axis=-1)
+    if a["norm_topk_prob"] and a["top_k"] > 1:
+        total = t.op("ReduceSum", [weights, t.i64([-1])], keepdims=1)
+        weights = t.op("Div", [weights, t.op("Add", [total, t.f32(1e-20)])])
+    t.result("Mul", [weights, t.f32(a["scaling"])], outputs=n.outputs[:1])
+    t.result("Identity", [experts], outputs=n.outputs[1:])
+
+
+def _scatter_dense(t: Tape, lead: str, experts: str, weights: str, n_exp: int) -> str:
+    """Routing weights [..., k] scattered to [..., E] (0 for experts not chosen); ``lead`` is the shape of ``...``."""
+    zeros = t.op("ConstantOfShape", [t.op("Concat", [lead, t.i64([n_exp])], axis=0)], value=_ZERO)
+    return t.op("ScatterElements", [zeros, experts, weights], axis=-1)
+
+
+def _moe_combine(t: Tape, n: Node, ins: list[str]) -> None:
     w, idx, ys = ins[0], ins[1], ins[2:]
-    n_exp = n.attrs["num_experts"]
-    lead = e.emit("Slice", [e.emit("Shape", [w], name=n.name), e.i64([0]), e.i64([-1])], name=n.name)
-    zeros = e.emit(
-        "ConstantOfShape",
-        [e.emit("Concat", [lead, e.i64([n_exp])], name=n.name, axis=0)],
-        name=n.name,
-        value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]),
-    )
-    dense = e.emit("ScatterElements", [zeros, idx, w], name=n.name, axis=-1)  # [b, s, E]
-    stacked = e.emit("Concat", [e.emit("Unsqueeze", [y, e.i64([-2])], name=n.name) for y in ys], name=n.name, axis=-2)
-    mixed = e.emit("MatMul", [e.emit("Unsqueeze", [dense, e.i64([-2])], name=n.name), stacked], name=n.name)
-    return [e.emit("Squeeze", [mixed, e.i64([-2])], name=n.name, outputs=[n.output.name])]
+    lead = t.op("Slice", [t.op("Shape", [w]), t.i64([0]), t.i64([-1])])
+    dense = _scatter_dense(t, lead, idx, w, n.attrs["num_experts"])  # [b, s, E]
+    stacked = t.op("Concat", [t.op("Unsqueeze", [y, t.i64([-2])]) for y in ys], axis=-2)
+    mixed = t.op("MatMul", [t.op("Unsqueeze", [dense, t.i64([-2])]), stacked])
+    t.result("Squeeze", [mixed, t.i64([-2])])
 
 
-def _moe_experts(e: _Emitter, n: Node, ins: list[str]) -> list[str]:
+def _moe_experts(t: Tape, n: Node, ins: list[str]) -> None:
     """Routed experts, computing only the chosen ones (see ``MOE_LOWERINGS``)."""
-    return MOE_LOWERINGS[e.moe_lowering](e, n, ins)
+    MOE_LOWERINGS[t.moe_lowering](t, n, ins)
 
 
-def _flat_routing(e: _Emitter, n: Node, ins: list[str]) -> tuple[str, str, str, str]:
+def _flat_routing(t: Tape, n: Node, ins: list[str]) -> tuple[str, str, str, str]:
     """x as [tokens, H], routing weights and experts as [tokens, k], and the original shape of x."""
     x, w, idx = ins[:3]
     hidden, k = n.inputs[0].type.shape[-1], n.inputs[1].type.shape[-1]
-    shape = e.emit("Shape", [x], name=n.name)
+    shape = t.op("Shape", [x])
     return (
-        e.emit("Reshape", [x, e.i64([-1, hidden])], name=n.name),
-        e.emit("Reshape", [w, e.i64([-1, k])], name=n.name),
-        e.emit("Reshape", [idx, e.i64([-1, k])], name=n.name),
+        t.op("Reshape", [x, t.i64([-1, hidden])]),
+        t.op("Reshape", [w, t.i64([-1, k])]),
+        t.op("Reshape", [idx, t.i64([-1, k])]),
         shape,
     )
 
 
-def _moe_contrib(e: _Emitter, n: Node, ins: list[str]) -> list[str]:
+def _moe_contrib(t: Tape, n: Node, ins: list[str]) -> None:
     """onnxruntime's com.microsoft MoE kernel (CPU: interleaved SwiGLU, alpha 1, beta 0 = silu(g) * u).
 
     Its router applies softmax and top-k to the probabilities it is given. Feeding it log(w) scattered over
     the chosen experts (log 0 = -inf elsewhere) makes softmax return w / sum(w) at exactly DeepSeek's
     choices, and multiplying the output by sum(w) restores the weights: routing stays exact (DESIGN.md §8).
     """
-    n_exp, k = n.attrs["num_experts"], n.inputs[1].type.shape[-1]
-    x2, w2, idx2, shape = _flat_routing(e, n, ins)
-    zeros = e.emit(
-        "ConstantOfShape",
-        [e.emit("Concat", [e.emit("Shape", [w2], name=n.name, end=1), e.i64([n_exp])], name=n.name, axis=0)],
-        name=n.name,
-        value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]),
-    )
-    dense = e.emit("ScatterElements", [zeros, idx2, w2], name=n.name, axis=-1)
-    logits = e.emit("Log", [dense], name=n.name)
-    fc1, fc2 = e.owned_weight(n, "glu_interleaved"), e.owned_weight(n, "down")
+    x2, w2, idx2, shape = _flat_routing(t, n, ins)
+    logits = t.op("Log", [_scatter_dense(t, t.op("Shape", [w2], end=1), idx2, w2, n.attrs["num_experts"])])
+    fc1, fc2 = t.owned("glu_interleaved"), t.owned("down")
     if len(n.inputs) > 6:  # FP8 experts: per-row block scales along the input axis
-        fc1 = _dequantize(e, n, fc1, e.owned_weight(n, "glu_interleaved_scale"), axis=2)
-        fc2 = _dequantize(e, n, fc2, e.owned_weight(n, "down_scale"), axis=2)
-    y = e.emit(
+        fc1 = _dequantize(t, fc1, t.owned("glu_interleaved_scale"), axis=2)
+        fc2 = _dequantize(t, fc2, t.owned("down_scale"), axis=2)
+    y = t.op(
         "MoE",
         [x2, logits, fc1, "", fc2],
-        name=n.name,
         domain="com.microsoft",
-        k=k,
+        k=n.inputs[1].type.shape[-1],
         activation_type="swiglu",
         swiglu_fusion=1,
         activation_alpha=1.0,
@@ -322,49 +343,73 @@ def _moe_contrib(e: _Emitter, n: Node, ins: list[str]) -> list[str]:
         swiglu_limit=1e30,
         normalize_routing_weights=0,
     )
-    total = e.emit("ReduceSum", [w2, e.i64([-1])], name=n.name, keepdims=1)
-    y = e.emit("Mul", [y, total], name=n.name)
-    return [e.emit("Reshape", [y, shape], name=n.name, outputs=[n.output.name])]
+    y = t.op("Mul", [y, t.op("ReduceSum", [w2, t.i64([-1])], keepdims=1)])
+    t.result("Reshape", [y, shape])
 
 
-def _moe_gather(e: _Emitter, n: Node, ins: list[str]) -> list[str]:
+def _moe_gather(t: Tape, n: Node, ins: list[str]) -> None:
     """Standard ops only: gather each token's chosen experts' weights and apply them (batched MatMul).
 
     Exact and sparse, and what TensorRT can parse; it copies k expert matrices per token, which is cheap for
     decode (one token) and grows with the prompt for prefill."""
     inter = n.inputs[3].type.shape[1]
-    x2, w2, idx2, shape = _flat_routing(e, n, ins)
-    gate_up_w, down_w = e.owned_weight(n, "gate_up_t"), e.owned_weight(n, "down_t")
+    x2, w2, idx2, shape = _flat_routing(t, n, ins)
+    gate_up_w, down_w = t.owned("gate_up_t"), t.owned("down_t")
     if len(n.inputs) > 6:  # FP8 experts: blocks along the input axis (now axis 1)
-        gate_up_w = _dequantize(e, n, gate_up_w, e.owned_weight(n, "gate_up_t_scale"), axis=1)
-        down_w = _dequantize(e, n, down_w, e.owned_weight(n, "down_t_scale"), axis=1)
-    gate_up = e.emit("Gather", [gate_up_w, idx2], name=n.name, axis=0)  # [T, k, H, 2I]
-    down = e.emit("Gather", [down_w, idx2], name=n.name, axis=0)  # [T, k, I, H]
-    xs = e.emit("Unsqueeze", [x2, e.i64([1, 2])], name=n.name)  # [T, 1, 1, H]
-    g, u = e.emit(
-        "Split", [e.emit("MatMul", [xs, gate_up], name=n.name), e.i64([inter, inter])], 2, name=n.name, axis=-1
-    )
-    h = e.emit("Mul", [e.emit("Mul", [g, e.emit("Sigmoid", [g], name=n.name)], name=n.name), u], name=n.name)
-    y = e.emit("Squeeze", [e.emit("MatMul", [h, down], name=n.name), e.i64([2])], name=n.name)  # [T, k, H]
-    y = e.emit("Mul", [y, e.emit("Unsqueeze", [w2, e.i64([-1])], name=n.name)], name=n.name)
-    y = e.emit("ReduceSum", [y, e.i64([1])], name=n.name, keepdims=0)
-    return [e.emit("Reshape", [y, shape], name=n.name, outputs=[n.output.name])]
+        gate_up_w = _dequantize(t, gate_up_w, t.owned("gate_up_t_scale"), axis=1)
+        down_w = _dequantize(t, down_w, t.owned("down_t_scale"), axis=1)
+    gate_up = t.op("Gather", [gate_up_w, idx2], axis=0)  # [T, k, H, 2I]
+    down = t.op("Gather", [down_w, idx2], axis=0)  # [T, k, I, H]
+    xs = t.op("Unsqueeze", [x2, t.i64([1, 2])])  # [T, 1, 1, H]
+    g, u = t.op_multi("Split", [t.op("MatMul", [xs, gate_up]), t.i64([inter, inter])], 2, axis=-1)
+    h = t.op("Mul", [t.op("Mul", [g, t.op("Sigmoid", [g])]), u])
+    y = t.op("Squeeze", [t.op("MatMul", [h, down]), t.i64([2])])  # [T, k, H]
+    y = t.op("Mul", [y, t.op("Unsqueeze", [w2, t.i64([-1])])])
+    t.result("Reshape", [t.op("ReduceSum", [y, t.i64([1])], keepdims=0), shape])
 
 
-MOE_LOWERINGS = {"contrib": _moe_contrib, "gather": _moe_gather}
+MOE_LOWERINGS: dict[str, Callable[[Tape, Node, list[str]], None]] = {"contrib": _moe_contrib, "gather": _moe_gather}
 
 
-def _glu_interleaved(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return torch.stack([gate, up], dim=2).flatten(1, 2).contiguous()  # rows g0, u0, g1, u1, ...
+def _simple(op_type: str, *attr_names: str) -> Callable[[Tape, Node, list[str]], None]:
+    """An op that is one ONNX node with the same inputs, copying the named IR attributes."""
+
+    def lower(t: Tape, n: Node, ins: list[str]) -> None:
+        t.result(op_type, ins, **{k: n.attrs[k] for k in attr_names})
+
+    return lower
 
 
+def _silu(t: Tape, n: Node, ins: list[str]) -> None:
+    t.result("Mul", [ins[0], t.op("Sigmoid", ins)])
+
+
+def _split(t: Tape, n: Node, ins: list[str]) -> None:
+    t.result("Split", [ins[0], t.i64(list(n.attrs["sizes"]))], axis=n.attrs["axis"])
+
+
+def _reshape(t: Tape, n: Node, ins: list[str]) -> None:
+    t.result("Reshape", [ins[0], t.i64(list(n.attrs["shape"]))])  # ONNX's 0 also copies the input dim
+
+
+def _expand(t: Tape, n: Node, ins: list[str]) -> None:
+    shape = [1] * n.inputs[0].type.rank
+    shape[n.attrs["axis"]] = n.attrs["size"]
+    t.result("Expand", [ins[0], t.i64(shape)])
+
+
+def _embedding(t: Tape, n: Node, ins: list[str]) -> None:
+    t.result("Gather", [ins[1], ins[0]], axis=0)
+
+
+# -- weights that lowerings lay out themselves ----------------------------------------------------------
 def _per_expert(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     """Apply a layout transform expert by expert into one preallocated tensor, so that building a layer's
     stacked initializer holds the result plus one expert, not several stacked copies."""
 
     def build(*sources) -> torch.Tensor:
         if not all(isinstance(s, Stacked) for s in sources):
-            return fn(*(s.load() for s in sources))
+            return fn(*(s.load() for s in sources)).contiguous()
         out = None
         for e, parts in enumerate(zip(*(s.parts for s in sources), strict=True)):
             piece = fn(*(p.load()[None] for p in parts))[0]
@@ -381,112 +426,78 @@ def _rows(scale: torch.Tensor, rows: int) -> torch.Tensor:
     return scale.repeat_interleave(FP8_BLOCK, dim=-2)[..., :rows, :]
 
 
-def _layout(inputs: tuple[int, ...], fn: Callable[..., torch.Tensor]):
-    return lambda node: (inputs, fn)
+def _row_scales(weights: Layout, scale_inputs: tuple[int, ...]) -> Layout:
+    """The block scales of ``weights``' inputs, repeated to one per row and laid out like the weights, so that
+    DequantizeLinear blocks along the input axis only."""
+
+    def build(n: Node, *scales: torch.Tensor) -> torch.Tensor:
+        rows = (n.inputs[i].type.shape[-2] for i in weights.inputs)
+        return weights.build(n, *(_rows(s, r) for s, r in zip(scales, rows, strict=True)))
+
+    return Layout(scale_inputs, build)
 
 
-# Weights some lowerings lay out themselves: layout name -> node -> (node inputs used, transform).
-_OWNED_LAYOUTS: dict[str, Callable[[Node], tuple[tuple[int, ...], Callable[..., torch.Tensor]]]] = {
-    "linear_scale_t": lambda n: ((2,), lambda s, out=n.inputs[1].type.shape[0]: _rows(s, out).t().contiguous()),
-    "glu_interleaved": _layout((3, 4), _glu_interleaved),
-    "glu_interleaved_scale": lambda n: (
-        (6, 7),
-        lambda g, u, i=n.inputs[3].type.shape[1]: _glu_interleaved(_rows(g, i), _rows(u, i)),
-    ),
-    "down": _layout((5,), lambda d: d),
-    "down_scale": lambda n: ((8,), lambda d, h=n.inputs[5].type.shape[1]: _rows(d, h).contiguous()),
-    "gate_up_t": _layout((3, 4), lambda g, u: torch.cat([g, u], dim=1).transpose(1, 2).contiguous()),
-    "gate_up_t_scale": lambda n: (
-        (6, 7),
-        lambda g, u, i=n.inputs[3].type.shape[1]: (
-            torch.cat([_rows(g, i), _rows(u, i)], dim=1).transpose(1, 2).contiguous()
+def _glu_interleaved(n: Node, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return torch.stack([gate, up], dim=2).flatten(1, 2)  # rows g0, u0, g1, u1, ...
+
+
+_LINEAR_T = Layout((1,), lambda n, w: w.transpose(-1, -2))  # what the generic writer does to a transposed input
+# onnxruntime's MoE kernel takes fc1 [E, 2I, H] with gate and up rows interleaved, fc2 [E, H, I] as stored.
+_GLU = Layout((3, 4), _glu_interleaved)
+_DOWN = Layout((5,), lambda n, d: d)
+# The gather lowering multiplies x @ w: [E, H, 2I] (gate then up) and [E, I, H].
+_GATE_UP_T = Layout((3, 4), lambda n, g, u: torch.cat([g, u], dim=1).transpose(1, 2))
+_DOWN_T = Layout((5,), lambda n, d: d.transpose(1, 2))
+
+# -- the table ------------------------------------------------------------------------------------------
+LOWERINGS: dict[Op, Lowering] = {
+    r.op: r
+    for r in (
+        Lowering(Op.EMBEDDING, _embedding),
+        Lowering(Op.LINEAR, _linear, transposed=(1,), layouts={"linear_scale_t": _row_scales(_LINEAR_T, (2,))}),
+        Lowering(Op.HEAD_LINEAR, _head_linear, transposed=(1,)),
+        Lowering(Op.RMS_NORM, _rms_norm),
+        Lowering(Op.ROPE, _rope),
+        Lowering(Op.ATTENTION, _attention),
+        Lowering(Op.ADD, _simple("Add")),
+        Lowering(Op.MUL, _simple("Mul")),
+        Lowering(Op.SILU, _silu),
+        Lowering(Op.SPLIT, _split),
+        Lowering(Op.CONCAT, _simple("Concat", "axis")),
+        Lowering(Op.RESHAPE, _reshape),
+        Lowering(Op.EXPAND, _expand),
+        Lowering(Op.MOE_ROUTE, _moe_route, transposed=(1,)),
+        Lowering(Op.MOE_COMBINE, _moe_combine),
+        Lowering(
+            Op.MOE_EXPERTS,
+            _moe_experts,
+            layouts={
+                "glu_interleaved": _GLU,
+                "glu_interleaved_scale": _row_scales(_GLU, (6, 7)),
+                "down": _DOWN,
+                "down_scale": _row_scales(_DOWN, (8,)),
+                "gate_up_t": _GATE_UP_T,
+                "gate_up_t_scale": _row_scales(_GATE_UP_T, (6, 7)),
+                "down_t": _DOWN_T,
+                "down_t_scale": _row_scales(_DOWN_T, (8,)),
+            },
         ),
-    ),
-    "down_t": _layout((5,), lambda d: d.transpose(1, 2).contiguous()),
-    "down_t_scale": lambda n: ((8,), lambda d, h=n.inputs[5].type.shape[1]: _rows(d, h).transpose(1, 2).contiguous()),
-}
-_OWNED_INPUTS = {Op.MOE_EXPERTS: {3, 4, 5, 6, 7, 8}, Op.LINEAR: {2}}
-
-
-def _simple(op_type: str, **fixed) -> Callable:
-    def lower(e: _Emitter, n: Node, ins: list[str]) -> list[str]:
-        attrs = {**fixed}
-        if n.op == Op.CONCAT:
-            attrs["axis"] = n.attrs["axis"]
-        return [e.emit(op_type, ins, name=n.name, outputs=[n.output.name], **attrs)]
-
-    return lower
-
-
-def _silu(e: _Emitter, n: Node, ins: list[str]) -> list[str]:
-    return [e.emit("Mul", [ins[0], e.emit("Sigmoid", ins, name=n.name)], name=n.name, outputs=[n.output.name])]
-
-
-def _split(e: _Emitter, n: Node, ins: list[str]) -> list[str]:
-    return e.emit(
-        "Split",
-        [ins[0], e.i64(list(n.attrs["sizes"]))],
-        len(n.outputs),
-        name=n.name,
-        outputs=[v.name for v in n.outputs],
-        axis=n.attrs["axis"],
     )
-
-
-def _reshape(e: _Emitter, n: Node, ins: list[str]) -> list[str]:
-    return [e.emit("Reshape", [ins[0], e.i64(list(n.attrs["shape"]))], name=n.name, outputs=[n.output.name])]
-
-
-def _expand(e: _Emitter, n: Node, ins: list[str]) -> list[str]:
-    shape = [1] * n.inputs[0].type.rank
-    shape[n.attrs["axis"]] = n.attrs["size"]
-    return [e.emit("Expand", [ins[0], e.i64(shape)], name=n.name, outputs=[n.output.name])]
-
-
-def _embedding(e: _Emitter, n: Node, ins: list[str]) -> list[str]:
-    return [e.emit("Gather", [ins[1], ins[0]], name=n.name, outputs=[n.output.name], axis=0)]
-
-
-LOWERINGS: dict[Op, Callable[[_Emitter, Node, list[str]], list[str]]] = {
-    Op.EMBEDDING: _embedding,
-    Op.LINEAR: _linear,
-    Op.HEAD_LINEAR: _head_linear,
-    Op.RMS_NORM: _rms_norm,
-    Op.ROPE: _rope,
-    Op.ATTENTION: _attention,
-    Op.ADD: _simple("Add"),
-    Op.MUL: _simple("Mul"),
-    Op.SILU: _silu,
-    Op.SPLIT: _split,
-    Op.CONCAT: _simple("Concat"),
-    Op.RESHAPE: _reshape,
-    Op.EXPAND: _expand,
-    Op.MOE_ROUTE: _moe_route,
-    Op.MOE_COMBINE: _moe_combine,
-    Op.MOE_EXPERTS: _moe_experts,
 }
 
-# Weights consumed as the right-hand side of a MatMul are stored with their last two axes swapped ([in, out]).
-_TRANSPOSED_INPUTS = {Op.LINEAR: 1, Op.MOE_ROUTE: 1, Op.HEAD_LINEAR: 1}
 
-
-def lower_to_onnx(
-    graph: Graph, *, producer_version: str = "0", moe_lowering: str = "contrib"
-) -> tuple[onnx.ModelProto, list[Initializer]]:
-    """The ONNX model (without initializers) and its weight initializers, in a deterministic order.
-
-    ``moe_lowering`` picks how fused experts run: "contrib" (onnxruntime's com.microsoft MoE kernel, the
-    fastest on CPU) or "gather" (standard ops only, for runtimes without that kernel, such as TensorRT)."""
-    if moe_lowering not in MOE_LOWERINGS:
-        raise ValueError(f"moe_lowering must be one of {sorted(MOE_LOWERINGS)}")
-    e = _Emitter(graph, moe_lowering=moe_lowering)
-    e._names.update(v.name for v in graph.values())
+def _weight_initializers(e: _Emitter) -> dict[tuple[str, str], str]:
+    """Declare every weight the lowerings read as is ("N") or transposed ("T"), in the graph's weight order; a
+    weight needed both ways is stored twice, the transposed copy as ``{name}.T``. Returns (weight, layout) ->
+    initializer name."""
+    graph = e.graph
     layouts: dict[str, set[str]] = {}
     for node in graph.nodes:
+        rec = LOWERINGS[node.op]
         for i, v in enumerate(node.inputs):
-            if v.name in graph.weights and i not in _OWNED_INPUTS.get(node.op, ()):
-                layouts.setdefault(v.name, set()).add("T" if _TRANSPOSED_INPUTS.get(node.op) == i else "N")
-    weight_names: dict[tuple[str, str], str] = {}
+            if v.name in graph.weights and i not in rec.owned:
+                layouts.setdefault(v.name, set()).add("T" if i in rec.transposed else "N")
+    names: dict[tuple[str, str], str] = {}
     for name, w in graph.weights.items():
         for layout in sorted(layouts.get(name, ())):
             t = w.value.type
@@ -501,19 +512,37 @@ def lower_to_onnx(
                     lambda w=w: w.load().transpose(-1, -2).contiguous(),
                 )
             e._names.add(init.name)
-            weight_names[(name, layout)] = init.name
+            names[(name, layout)] = init.name
             e.initializers.append(init)
+    return names
+
+
+def lower_to_onnx(
+    graph: Graph, *, producer_version: str = "0", moe_lowering: str = "contrib"
+) -> tuple[onnx.ModelProto, list[Initializer]]:
+    """The ONNX model (without initializers) and its weight initializers, in a deterministic order.
+
+    ``moe_lowering`` picks how fused experts run: "contrib" (onnxruntime's com.microsoft MoE kernel, the
+    fastest on CPU) or "gather" (standard ops only, for runtimes without that kernel, such as TensorRT)."""
+    if moe_lowering not in MOE_LOWERINGS:
+        raise ValueError(f"moe_lowering must be one of {sorted(MOE_LOWERINGS)}")
+    e = _Emitter(graph, moe_lowering=moe_lowering)
+    e._names.update(v.name for v in graph.values())
+    weight_names = _weight_initializers(e)
     for node in graph.nodes:
+        rec = LOWERINGS[node.op]
         ins = []
         for i, v in enumerate(node.inputs):
-            if i in _OWNED_INPUTS.get(node.op, ()):
-                ins.append("")  # laid out by the op's lowering (Emitter.owned_weight)
+            if i in rec.owned:
+                ins.append("")  # laid out by the lowering itself (Tape.owned)
             elif v.name in graph.weights:
-                layout = "T" if _TRANSPOSED_INPUTS.get(node.op) == i else "N"
-                ins.append(weight_names[(v.name, layout)])
+                ins.append(weight_names[(v.name, "T" if i in rec.transposed else "N")])
             else:
                 ins.append(v.name)
-        LOWERINGS[node.op](e, node, ins)
+        rec.lower(Tape(e, node, rec), node, ins)
+    produced = {name for nd in e.nodes for name in nd.output}
+    missing = [v.name for nd in graph.nodes for v in nd.outputs if v.name not in produced]
+    assert not missing, f"lowerings left IR values unwritten (a lowering must end with Tape.result): {missing[:5]}"
     onnx_graph = helper.make_graph(
         e.nodes, graph.name, [_value_info(v) for v in graph.inputs], [_value_info(v) for v in graph.outputs]
     )
