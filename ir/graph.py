@@ -8,33 +8,14 @@ so a graph of a 600 GB model costs kilobytes until a backend streams its weights
 
 from __future__ import annotations
 
-import enum
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
-from dsc.ir.types import DType, TensorType
-
-
-class Op(enum.Enum):
-    EMBEDDING = "embedding"  # (ids, table) -> table[ids]
-    LINEAR = "linear"  # (x, weight[out,in]) -> x @ weight^T
-    HEAD_LINEAR = "head_linear"  # (x[..., heads, in], weight[heads, out, in]) -> one linear map per head
-    RMS_NORM = "rms_norm"  # (x, weight) eps
-    ROPE = "rope"  # (x[..., d], positions[b, s]) inv_freq, scaling, interleaved
-    ATTENTION = "attention"  # (q[b,s,H,dk], k[b,T,Hk,dk], v[b,T,Hk,dv]) causal, scale
-    ADD = "add"
-    MUL = "mul"
-    SILU = "silu"
-    SPLIT = "split"  # axis, sizes -> len(sizes) outputs
-    CONCAT = "concat"  # axis
-    RESHAPE = "reshape"  # shape: ints, 0 copies the input dim at that index
-    EXPAND = "expand"  # axis, size: broadcast a size-1 axis
-    MOE_ROUTE = "moe_route"  # (x, gate[E,H], bias[E]?) -> (weights[b,s,k], experts[b,s,k])
-    MOE_COMBINE = "moe_combine"  # (weights, experts, y_0 ... y_{E-1}) -> sum_k weights * y_experts
-    MOE_EXPERTS = "moe_experts"  # (x, weights, experts, gate[E,I,H], up[E,I,H], down[E,H,I]) -> routed SwiGLU FFNs
+from dsc.ir.ops import infer_types
+from dsc.ir.types import DType, Op, TensorType  # Op re-exported: dsc.ir.graph.Op
 
 
 class WeightSource(Protocol):
@@ -280,8 +261,6 @@ class GraphBuilder:
         out_names: Sequence[str] | None = None,
         meta: dict[str, Any] | None = None,
     ) -> Node:
-        from dsc.ir.ops import infer_types
-
         inputs = tuple(inputs)
         attrs = dict(attrs or {})
         out_types = infer_types(op, [v.type for v in inputs], attrs)

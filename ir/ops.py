@@ -12,8 +12,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from dsc.ir.graph import Op
-from dsc.ir.types import Dim, DType, TensorType, dim_add
+from dsc.ir.types import Dim, DType, Op, TensorType, dim_add
 
 Attrs = dict[str, Any]
 FP8_BLOCK = 128

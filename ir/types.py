@@ -134,3 +134,22 @@ def bind_dims(shape: tuple[Dim, ...], actual: tuple[int, ...], env: dict[str, in
             if sum(env[n] for n in names) + const != got:
                 return f"dim {i} is {got}, expected {want}={sum(env[n] for n in names) + const}"
     return None
+
+
+class Op(enum.Enum):
+    EMBEDDING = "embedding"  # (ids, table) -> table[ids]
+    LINEAR = "linear"  # (x, weight[out,in]) -> x @ weight^T
+    HEAD_LINEAR = "head_linear"  # (x[..., heads, in], weight[heads, out, in]) -> one linear map per head
+    RMS_NORM = "rms_norm"  # (x, weight) eps
+    ROPE = "rope"  # (x[..., d], positions[b, s]) inv_freq, scaling, interleaved
+    ATTENTION = "attention"  # (q[b,s,H,dk], k[b,T,Hk,dk], v[b,T,Hk,dv]) causal, scale
+    ADD = "add"
+    MUL = "mul"
+    SILU = "silu"
+    SPLIT = "split"  # axis, sizes -> len(sizes) outputs
+    CONCAT = "concat"  # axis
+    RESHAPE = "reshape"  # shape: ints, 0 copies the input dim at that index
+    EXPAND = "expand"  # axis, size: broadcast a size-1 axis
+    MOE_ROUTE = "moe_route"  # (x, gate[E,H], bias[E]?) -> (weights[b,s,k], experts[b,s,k])
+    MOE_COMBINE = "moe_combine"  # (weights, experts, y_0 ... y_{E-1}) -> sum_k weights * y_experts
+    MOE_EXPERTS = "moe_experts"  # (x, weights, experts, gate[E,I,H], up[E,I,H], down[E,H,I]) -> routed SwiGLU FFNs
