@@ -86,6 +86,17 @@ class PassEntry:
 
 
 @dataclass(frozen=True)
+class WeightGroup:
+    """One group of weights (attention, routed experts, lm_head...) in one storage format, as the engine holds it."""
+
+    group: str
+    format: str  # "float32", "fp8 e4m3 128x128", "int8 block 128", ...
+    tensors: int
+    params: int
+    bytes: int
+
+
+@dataclass(frozen=True)
 class Segment:
     """A dense piece of an expert-parallel engine."""
 
@@ -132,7 +143,9 @@ class Manifest:
     tokenizer: str | None = None  # file name beside the engine
     tensorrt: dict[str, Any] | None = None  # plan build facts (backends/tensorrt.py)
     expert_parallel: ExpertParallel | None = None
-    extra: dict[str, Any] = field(default_factory=dict)  # backend-specific facts (e.g. weight formats)
+    quantized: str | None = None  # what this compile quantized to: "int8", "int4", "fp8"; None = as stored
+    weights: tuple[WeightGroup, ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict)  # backend-specific facts (kernels, prefill form)
     dsc_version: str = __version__
     format_version: int = FORMAT_VERSION
 
@@ -199,6 +212,7 @@ _NESTED = {
     "CacheTensor": CacheTensor,
     "KvCache": KvCache,
     "PassEntry": PassEntry,
+    "WeightGroup": WeightGroup,
     "Segment": Segment,
     "MoeCut": MoeCut,
     "ExpertParallel": ExpertParallel,
@@ -251,7 +265,7 @@ def write_manifest(manifest: Manifest, path: Path) -> None:
 # -- building a manifest from the compiled graph -------------------------------------------------------------
 def manifest_from_graph(graph: Graph, *, backend: str, files: list[Path], **fields: Any) -> Manifest:
     """The manifest of ``graph`` compiled into ``files``: everything comes from the graph and its metadata."""
-    from dsc.ir.analysis import active_params, kv_bytes_per_token
+    from dsc.ir.analysis import active_params, kv_bytes_per_token, weight_groups
 
     cfg = graph.meta["model_config"]
     values = {v.name: v for v in [*graph.inputs, *graph.outputs]}
@@ -275,8 +289,20 @@ def manifest_from_graph(graph: Graph, *, backend: str, files: list[Path], **fiel
         checksum=sha256_files(files),
         mtp_layers=cfg.num_nextn_predict_layers,
         skipped_tensors=len(graph.meta.get("skipped_keys", ())),
+        quantized=_quantized(graph),
+        weights=tuple(WeightGroup(**g) for g in weight_groups(graph)),
         **fields,
     )
+
+
+def _quantized(graph: Graph) -> str | None:
+    """The quantization this compile applied (from the passes' records), None when weights are as stored."""
+    ran = {r["name"] for r in graph.meta.get("pass_records", ()) if r["modified"]}
+    if "int-quantize" in ran:
+        return f"int{graph.meta['int_quantization']['bits']}"
+    if "fp8-quantize" in ran:
+        return "fp8"
+    return None
 
 
 def finish_engine(graph: Graph, *, backend: str, engine: Path, files: list[Path], **fields: Any) -> Manifest:

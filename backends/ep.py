@@ -42,7 +42,11 @@ def experts_graph(full: Graph, node: Node, phy2log_rank: list[int]) -> Graph:
     for v in node.inputs[3:]:
         src = _subset(full.weights[v.name].source, phy2log_rank)
         weights.append(b.weight(v.name, v.type.dtype, (len(phy2log_rank), *v.type.shape[1:]), src))
-    b.output(b.op(Op.MOE_EXPERTS, [x, w, slot, *weights], {"num_experts": len(phy2log_rank)}, out_names=["y"]).output)
+    b.output(
+        b.op(
+            Op.MOE_EXPERTS, [x, w, slot, *weights], {**node.attrs, "num_experts": len(phy2log_rank)}, out_names=["y"]
+        ).output
+    )
     return b.graph
 
 

@@ -26,6 +26,7 @@ import torch
 from dsc.backends.onnx_io import ONNX_DTYPES, Initializer
 from dsc.ir.graph import Graph, Node, Op, Stacked, Value, Weight
 from dsc.ir.ops import FP8_BLOCK
+from dsc.ir.types import DType
 from onnx import TensorProto, helper
 
 OPSET = 21
@@ -45,6 +46,7 @@ class Layout:
 
     inputs: tuple[int, ...]
     build: Callable[..., torch.Tensor]
+    when: Callable[[Node], bool] = lambda n: True  # the nodes this layout applies to (say, int weights only)
 
 
 @dataclass(frozen=True)
@@ -53,17 +55,18 @@ class Lowering:
 
     ``lower(tape, node, ins)`` emits the op's ONNX nodes; ``ins`` are the ONNX names of the node's inputs ("" for
     inputs in ``layouts``, which the lowering fetches with ``tape.owned``). Weight inputs listed in ``transposed``
-    are stored with their last two axes swapped ([in, out]) because they are the right-hand side of a MatMul."""
+    are stored with their last two axes swapped ([in, out]) because they are the right-hand side of a MatMul,
+    unless a layout that applies to the node (``Layout.when``) owns them: int weights of a linear are packed for
+    MatMulNBits instead."""
 
     op: Op
     lower: Callable[[Tape, Node, list[str]], None]
     transposed: tuple[int, ...] = ()
     layouts: Mapping[str, Layout] = field(default_factory=dict)
 
-    @property
-    def owned(self) -> frozenset[int]:
-        """Weight inputs the lowering lays out itself: the generic weight writer skips them."""
-        return frozenset(i for layout in self.layouts.values() for i in layout.inputs)
+    def owned(self, node: Node) -> frozenset[int]:
+        """Weight inputs of ``node`` the lowering lays out itself: the generic weight writer skips them."""
+        return frozenset(i for layout in self.layouts.values() if layout.when(node) for i in layout.inputs)
 
 
 # -- the model being built, and the per-node tape that lowerings write to ----------------------------
@@ -171,8 +174,35 @@ def _dequantize(t: Tape, weight: str, scale: str, axis: int) -> str:
     return t.op("DequantizeLinear", [weight, scale], axis=axis, block_size=FP8_BLOCK)
 
 
+def _is_int(n: Node) -> bool:
+    """Weights in int levels with block scales (the int-quantize pass): run by onnxruntime's low-bit kernels."""
+    return n.inputs[1 if n.op == Op.LINEAR else 3].type.dtype == DType.I8
+
+
+def _is_fp8(n: Node) -> bool:
+    return n.inputs[1 if n.op == Op.LINEAR else 3].type.dtype == DType.F8E4M3
+
+
+# int8 activations (accuracy level 4): the fast path of MatMulNBits and QMoE on CPU. At level 0, 8-bit
+# MatMulNBits dequantizes the whole weight on every call (12-35x slower than float32): never emit that.
+ACCURACY_LEVEL = 4
+
+
 def _linear(t: Tape, n: Node, ins: list[str]) -> None:
     weight = ins[1]
+    if _is_int(n):  # com.microsoft MatMulNBits: B [N, K/block, block*bits/8] uint8, scales [N, K/block]
+        out_features, in_features = n.inputs[1].type.shape
+        t.result(
+            "MatMulNBits",
+            [ins[0], t.owned("nbits"), t.owned("nbits_scale")],
+            domain="com.microsoft",
+            K=in_features,
+            N=out_features,
+            bits=n.attrs["bits"],
+            block_size=n.attrs["block"],
+            accuracy_level=ACCURACY_LEVEL,
+        )
+        return
     if len(n.inputs) == 3:  # FP8: weight stored [in, out], scales [in / 128, out]
         weight = _dequantize(t, weight, t.owned("linear_scale_t"), axis=0)
     t.result("MatMul", [ins[0], weight])
@@ -327,13 +357,7 @@ def _moe_contrib(t: Tape, n: Node, ins: list[str]) -> None:
     """
     x2, w2, idx2, shape = _flat_routing(t, n, ins)
     logits = t.op("Log", [_scatter_dense(t, t.op("Shape", [w2], end=1), idx2, w2, n.attrs["num_experts"])])
-    fc1, fc2 = t.owned("glu_interleaved"), t.owned("down")
-    if len(n.inputs) > 6:  # FP8 experts: per-row block scales along the input axis
-        fc1 = _dequantize(t, fc1, t.owned("glu_interleaved_scale"), axis=2)
-        fc2 = _dequantize(t, fc2, t.owned("down_scale"), axis=2)
-    y = t.op(
-        "MoE",
-        [x2, logits, fc1, "", fc2],
+    attrs = dict(
         domain="com.microsoft",
         k=n.inputs[1].type.shape[-1],
         activation_type="swiglu",
@@ -343,6 +367,24 @@ def _moe_contrib(t: Tape, n: Node, ins: list[str]) -> None:
         swiglu_limit=1e30,
         normalize_routing_weights=0,
     )
+    if _is_int(n):  # QMoE: fc1 [E, 2I, H*bits/8] (rows interleaved), scales [E, 2I, H/block]; fc2 likewise
+        fc1, s1 = t.owned("q_glu"), t.owned("q_glu_scale")
+        fc2, s2 = t.owned("q_down"), t.owned("q_down_scale")
+        a = n.attrs
+        y = t.op(
+            "QMoE",
+            [x2, logits, fc1, s1, "", fc2, s2],
+            expert_weight_bits=a["bits"],
+            block_size=a["block"],
+            accuracy_level=ACCURACY_LEVEL,
+            **attrs,
+        )
+    else:
+        fc1, fc2 = t.owned("glu_interleaved"), t.owned("down")
+        if len(n.inputs) > 6:  # FP8 experts: per-row block scales along the input axis
+            fc1 = _dequantize(t, fc1, t.owned("glu_interleaved_scale"), axis=2)
+            fc2 = _dequantize(t, fc2, t.owned("down_scale"), axis=2)
+        y = t.op("MoE", [x2, logits, fc1, "", fc2], **attrs)
     y = t.op("Mul", [y, t.op("ReduceSum", [w2, t.i64([-1])], keepdims=1)])
     t.result("Reshape", [y, shape])
 
@@ -355,7 +397,11 @@ def _moe_gather(t: Tape, n: Node, ins: list[str]) -> None:
     inter = n.inputs[3].type.shape[1]
     x2, w2, idx2, shape = _flat_routing(t, n, ins)
     gate_up_w, down_w = t.owned("gate_up_t"), t.owned("down_t")
-    if len(n.inputs) > 6:  # FP8 experts: blocks along the input axis (now axis 1)
+    if _is_int(n):  # int levels [E, K, N] with scales [E, K/block, N]: blocks along axis 1
+        block = n.attrs["block"]
+        gate_up_w = t.op("DequantizeLinear", [gate_up_w, t.owned("gate_up_t_iscale")], axis=1, block_size=block)
+        down_w = t.op("DequantizeLinear", [down_w, t.owned("down_t_iscale")], axis=1, block_size=block)
+    elif len(n.inputs) > 6:  # FP8 experts: blocks along the input axis (now axis 1)
         gate_up_w = _dequantize(t, gate_up_w, t.owned("gate_up_t_scale"), axis=1)
         down_w = _dequantize(t, down_w, t.owned("down_t_scale"), axis=1)
     gate_up = t.op("Gather", [gate_up_w, idx2], axis=0)  # [T, k, H, 2I]
@@ -426,7 +472,7 @@ def _rows(scale: torch.Tensor, rows: int) -> torch.Tensor:
     return scale.repeat_interleave(FP8_BLOCK, dim=-2)[..., :rows, :]
 
 
-def _row_scales(weights: Layout, scale_inputs: tuple[int, ...]) -> Layout:
+def _row_scales(weights: Layout, scale_inputs: tuple[int, ...]) -> Layout:  # FP8 only
     """The block scales of ``weights``' inputs, repeated to one per row and laid out like the weights, so that
     DequantizeLinear blocks along the input axis only."""
 
@@ -434,11 +480,32 @@ def _row_scales(weights: Layout, scale_inputs: tuple[int, ...]) -> Layout:
         rows = (n.inputs[i].type.shape[-2] for i in weights.inputs)
         return weights.build(n, *(_rows(s, r) for s, r in zip(scales, rows, strict=True)))
 
-    return Layout(scale_inputs, build)
+    return Layout(scale_inputs, build, when=_is_fp8)
 
 
 def _glu_interleaved(n: Node, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return torch.stack([gate, up], dim=2).flatten(1, 2)  # rows g0, u0, g1, u1, ...
+
+
+def pack_nbits(q: torch.Tensor, bits: int, block: int) -> torch.Tensor:
+    """int levels [..., N, K] as MatMulNBits / QMoE store them: uint8 [..., N, ceil(K/block), block*bits/8],
+    level + 2^(bits-1) (the default zero point), 4-bit pairs low nibble first, a partial last block padded
+    with the zero point."""
+    zero = 1 << (bits - 1)
+    k = q.shape[-1]
+    nb = -(-k // block)
+    u = (q.to(torch.int16) + zero).to(torch.uint8)
+    if nb * block != k:
+        u = torch.nn.functional.pad(u, (0, nb * block - k), value=zero)
+    u = u.unflatten(-1, (nb, block))
+    if bits == 4:
+        u = u[..., 0::2] | (u[..., 1::2] << 4)
+    return u.contiguous()
+
+
+def _flat_nbits(n: Node, q: torch.Tensor) -> torch.Tensor:
+    """QMoE's weight layout: the packed blocks of each row flattened, [E, N, K*bits/8]."""
+    return pack_nbits(q, n.attrs["bits"], n.attrs["block"]).flatten(-2)
 
 
 _LINEAR_T = Layout((1,), lambda n, w: w.transpose(-1, -2))  # what the generic writer does to a transposed input
@@ -448,13 +515,33 @@ _DOWN = Layout((5,), lambda n, d: d)
 # The gather lowering multiplies x @ w: [E, H, 2I] (gate then up) and [E, I, H].
 _GATE_UP_T = Layout((3, 4), lambda n, g, u: torch.cat([g, u], dim=1).transpose(1, 2))
 _DOWN_T = Layout((5,), lambda n, d: d.transpose(1, 2))
+# int weights (int-quantize): MatMulNBits' packed B and [N, K/block] scales as stored; QMoE's fc1 / fc2 packed
+# and flattened per row, their scales laid out like the rows; the gather lowering's scales transposed like its
+# weights, for DequantizeLinear along axis 1.
+_NBITS = Layout((1,), lambda n, q: pack_nbits(q, n.attrs["bits"], n.attrs["block"]), when=_is_int)
+_NBITS_SCALE = Layout((2,), lambda n, s: s, when=_is_int)
+_Q_GLU = Layout((3, 4), lambda n, g, u: _flat_nbits(n, _glu_interleaved(n, g, u)), when=_is_int)
+_Q_GLU_SCALE = Layout((6, 7), _glu_interleaved, when=_is_int)
+_Q_DOWN = Layout((5,), _flat_nbits, when=_is_int)
+_Q_DOWN_SCALE = Layout((8,), lambda n, s: s, when=_is_int)
+_GATE_UP_T_ISCALE = Layout((6, 7), _GATE_UP_T.build, when=_is_int)
+_DOWN_T_ISCALE = Layout((8,), _DOWN_T.build, when=_is_int)
 
 # -- the table ------------------------------------------------------------------------------------------
 LOWERINGS: dict[Op, Lowering] = {
     r.op: r
     for r in (
         Lowering(Op.EMBEDDING, _embedding),
-        Lowering(Op.LINEAR, _linear, transposed=(1,), layouts={"linear_scale_t": _row_scales(_LINEAR_T, (2,))}),
+        Lowering(
+            Op.LINEAR,
+            _linear,
+            transposed=(1,),
+            layouts={
+                "linear_scale_t": _row_scales(_LINEAR_T, (2,)),
+                "nbits": _NBITS,
+                "nbits_scale": _NBITS_SCALE,
+            },
+        ),
         Lowering(Op.HEAD_LINEAR, _head_linear, transposed=(1,)),
         Lowering(Op.RMS_NORM, _rms_norm),
         Lowering(Op.ROPE, _rope),
@@ -480,6 +567,12 @@ LOWERINGS: dict[Op, Lowering] = {
                 "gate_up_t_scale": _row_scales(_GATE_UP_T, (6, 7)),
                 "down_t": _DOWN_T,
                 "down_t_scale": _row_scales(_DOWN_T, (8,)),
+                "q_glu": _Q_GLU,
+                "q_glu_scale": _Q_GLU_SCALE,
+                "q_down": _Q_DOWN,
+                "q_down_scale": _Q_DOWN_SCALE,
+                "gate_up_t_iscale": _GATE_UP_T_ISCALE,
+                "down_t_iscale": _DOWN_T_ISCALE,
             },
         ),
     )
@@ -495,7 +588,7 @@ def _weight_initializers(e: _Emitter) -> dict[tuple[str, str], str]:
     for node in graph.nodes:
         rec = LOWERINGS[node.op]
         for i, v in enumerate(node.inputs):
-            if v.name in graph.weights and i not in rec.owned:
+            if v.name in graph.weights and i not in rec.owned(node):
                 layouts.setdefault(v.name, set()).add("T" if i in rec.transposed else "N")
     names: dict[tuple[str, str], str] = {}
     for name, w in graph.weights.items():
@@ -532,8 +625,9 @@ def lower_to_onnx(
     for node in graph.nodes:
         rec = LOWERINGS[node.op]
         ins = []
+        owned = rec.owned(node)
         for i, v in enumerate(node.inputs):
-            if i in rec.owned:
+            if i in owned:
                 ins.append("")  # laid out by the lowering itself (Tape.owned)
             elif v.name in graph.weights:
                 ins.append(weight_names[(v.name, "T" if i in rec.transposed else "N")])

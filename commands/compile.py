@@ -14,12 +14,13 @@ from dsc.engine_format import Manifest
 from dsc.errors import CompileError
 from dsc.files import check_writable_dir
 from dsc.ir.graph import Graph
+from dsc.ir.types import DType
 from dsc.passes.manager import PassManager
 from dsc.passes.pipeline import build_pipeline
 from dsc.prompts import check_ids, read_prompt_file
 
 log = logging.getLogger("dsc")
-QUANTIZE = ("auto", "fp8", "none")
+QUANTIZE = ("auto", "int8", "int4", "fp8", "none")
 
 
 @dataclass
@@ -33,7 +34,10 @@ class CompileOptions:
     dump_ir_dir: Path | None = None
     external_data: bool | None = None  # None = only when the weights pass 2 GB
     moe_lowering: str = "contrib"  # fused experts in ONNX: onnxruntime's MoE kernel, or "gather" (standard ops)
-    quantize: str = "auto"  # auto: as stored (native FP8 stays FP8); fp8: quantize linear weights; none: all fp32
+    # auto: as stored, except that native FP8 runs as int8 on onnxruntime (which has no FP8 GEMM on CPU);
+    # int8/int4: weight-only block quantization run by onnxruntime's low-bit kernels; fp8: DeepSeek's FP8
+    # format (TensorRT; onnxruntime folds it to float32 at load); none: everything float32
+    quantize: str = "auto"
     report: bool = False  # print per-layer quantization error
     calibration_prompts: Path | None = None  # with report: logit error and top-1 agreement vs unquantized
     # TensorRT plans (backend "tensorrt"): profile ranges, precision, workspace, timing cache
@@ -108,12 +112,21 @@ def make_backend(output: Path, options: CompileOptions) -> Backend:
     return OnnxBackend(options.moe_lowering, options.external_data)
 
 
-def make_pass_manager(options: CompileOptions) -> PassManager:
+def quantize_mode(options: CompileOptions, backend: Backend, has_fp8: bool) -> str | None:
+    """The quantization pass this compile runs (a ``QUANTIZE_PASSES`` key), or None."""
+    if options.quantize in ("int8", "int4", "fp8"):
+        return options.quantize
+    if options.quantize == "auto" and has_fp8 and backend.name != "tensorrt":
+        return "int8"  # onnxruntime would fold FP8 to float32 at load: 4x the checkpoint in RAM
+    return None
+
+
+def make_pass_manager(options: CompileOptions, quantize: str | None = None) -> PassManager:
     extra = [("expert-placement", {"placement": str(options.placement)})] if options.placement is not None else []
     passes = build_pipeline(
         options.passes,
         options.disable_passes,
-        quantize=options.quantize == "fp8",
+        quantize=quantize,
         options=options.pass_options,
         extra=extra,
     )
@@ -133,8 +146,13 @@ def compile_model(model: str | Path, output: str | Path, options: CompileOptions
     if options.quantize not in QUANTIZE:
         raise CompileError(f"--quantize must be one of {', '.join(QUANTIZE)}, not '{options.quantize}'")
     backend = make_backend(output, options)
+    if options.quantize in ("int8", "int4") and backend.name == "tensorrt":
+        raise CompileError(
+            f"--quantize {options.quantize} runs in onnxruntime's CPU kernels; TensorRT plans take --quantize fp8 "
+            "(or compile to .onnx)"
+        )
     check_writable_dir(output)
-    pm = make_pass_manager(options)  # options and order are checked before any work
+    pm = make_pass_manager(options, quantize_mode(options, backend, has_fp8=False))  # checked before any work
     prompts = None
     if options.calibration_prompts is not None:  # read before any work: a bad file must not cost a compile
         prompts = read_prompt_file(options.calibration_prompts)
@@ -153,6 +171,12 @@ def compile_model(model: str | Path, output: str | Path, options: CompileOptions
     if prompts is not None:
         check_ids(prompts, checkpoint.config.vocab_size, str(options.calibration_prompts))
     unquantized = graph
+    mode = quantize_mode(
+        options, backend, has_fp8=any(w.value.type.dtype == DType.F8E4M3 for w in graph.weights.values())
+    )
+    if mode == "int8" and options.quantize == "auto":
+        log.info("      native FP8 weights: running them as int8 on onnxruntime (--quantize fp8 keeps FP8)")
+        pm = make_pass_manager(options, mode)
     log.info(
         f"      {checkpoint.config.model_type}: {checkpoint.config.num_hidden_layers} layers, "
         f"{graph.param_count():,} params, {len(graph.nodes)} IR nodes"

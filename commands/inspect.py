@@ -154,6 +154,18 @@ def inspect_path(path: Path) -> tuple[dict[str, Any], str]:
     return info, _model_text(path, info)
 
 
+def _weight_lines(m) -> list[str]:
+    if not m.weights:
+        return []
+    rows = [f"  weights       {'group':<16} {'format':<18} {'tensors':>7} {'params':>9} {'MB':>9}"]
+    for w in m.weights:
+        rows.append(
+            f"                {w.group:<16} {w.format:<18} {w.tensors:>7} {_fmt_count(w.params):>9} "
+            f"{w.bytes / 2**20:>9.2f}"
+        )
+    return rows
+
+
 def _inspect_engine(path: Path) -> tuple[dict[str, Any], str]:
     m = read_manifest(path)
     cfg, kv = m.config, m.kv_cache
@@ -170,6 +182,8 @@ def _inspect_engine(path: Path) -> tuple[dict[str, Any], str]:
         + ", ".join(f"{i.name}{list(i.shape)}" for i in m.inputs[:4])
         + (" ..." if len(m.inputs) > 4 else ""),
         "  passes        " + (", ".join(p.name for p in m.passes if p.modified) or "none changed the IR"),
+        f"  quantized     {m.quantized or 'no (weights as stored)'}",
+        *_weight_lines(m),
         f"  checksum      sha256 {m.checksum[:16]}...",
     ]
     if m.mtp_layers:

@@ -16,6 +16,7 @@ class VerifyReport:
     max_abs: float = 0.0
     max_rel: float = 0.0
     agreement: float = 1.0
+    quantized: str | None = None  # the engine's quantization (manifest), which sets the default bars
     steps: list[dict] = field(default_factory=list)
 
     def text(self) -> str:
@@ -26,6 +27,20 @@ class VerifyReport:
             )
         lines.append(f"max abs {self.max_abs:.3g}, max rel {self.max_rel:.3g}, top-1 agreement {self.agreement:.3f}")
         return "\n".join(lines)
+
+
+# (max relative logit error, min teacher-forced top-1 agreement) per engine quantization: exact engines must
+# match the reference to float32 rounding; quantized ones are judged by agreement (issue 11's bars).
+BARS: dict[str | None, tuple[float | None, float]] = {
+    None: (1e-4, 1.0),
+    "fp8": (None, 0.97),
+    "int8": (None, 0.97),
+    "int4": (None, 0.90),
+}
+
+
+def default_bars(quantized: str | None) -> tuple[float | None, float]:
+    return BARS.get(quantized, BARS[None])
 
 
 def compare_logits(engine_logits: np.ndarray, ref_logits: np.ndarray) -> tuple[float, float, np.ndarray]:
@@ -54,7 +69,7 @@ def verify_engine(model: Path, engine_path: Path, *, prompt: Sequence[int] | Non
     ref = Interpreter(graph)
     ref_past = empty_cache(graph, 1)
     eng_past = [c.empty(1) for c in engine.cache]
-    report = VerifyReport()
+    report = VerifyReport(quantized=engine.manifest.quantized)
     agreements: list[np.ndarray] = []
     ids = list(prompt)
     new = list(prompt)

@@ -68,13 +68,31 @@ def block_scale_shape(shape: tuple, block: int = FP8_BLOCK) -> tuple:
     return (*shape[:-2], -(-shape[-2] // block), -(-shape[-1] // block))
 
 
-def _check_scales(weights: list[TensorType], scales: list[TensorType], op: str) -> None:
+def int_scale_shape(shape: tuple, block: int) -> tuple:
+    """Low-bit block layout: one float per ``block`` consecutive weights of a row (along the input axis)."""
+    return (*shape[:-1], -(-shape[-1] // block))
+
+
+def _check_scales(weights: list[TensorType], scales: list[TensorType], op: str, a: Attrs) -> None:
+    """FP8 weights take DeepSeek's 128x128 block scales; int weights (attrs ``bits``, ``block``) take one scale
+    per ``block`` inputs of each row; float weights take none."""
     _need(not scales or len(scales) == len(weights), f"{op}: {len(scales)} scales for {len(weights)} weights")
+    dtypes = {w.dtype for w in weights}
+    _need(len(dtypes) == 1, f"{op}: weights mix dtypes {sorted(d.value for d in dtypes)}")
+    dtype = dtypes.pop()
+    if dtype == DType.I8:
+        _need(a.get("bits") in (4, 8) and a.get("block", 0) >= 1, f"{op}: int weights need bits 4|8 and a block")
+        _need(bool(scales), f"{op}: int weights need their block scales")
+        for w, s in zip(weights, scales, strict=True):
+            want = int_scale_shape(w.shape, a["block"])
+            _need(s.dtype == DType.F32 and s.shape == want, f"{op}: scale {s} for int weight {w} (block {a['block']})")
+        return
+    _need("bits" not in a, f"{op}: attribute bits given for {dtype.value} weights")
     for w, s in zip(weights, scales if scales else [], strict=False):
         _need(w.dtype == DType.F8E4M3, f"{op}: a scale is given for non-FP8 weight {w}")
         _need(s.dtype == DType.F32 and s.shape == block_scale_shape(w.shape), f"{op}: scale {s} for weight {w}")
     if not scales:
-        _need(all(w.dtype != DType.F8E4M3 for w in weights), f"{op}: FP8 weights need their block scales")
+        _need(dtype != DType.F8E4M3, f"{op}: FP8 weights need their block scales")
 
 
 def quantize_fp8(w: torch.Tensor, block: int = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,11 +120,45 @@ def dequantize(w: torch.Tensor, scale: torch.Tensor | None, block: int = FP8_BLO
     return w.float() * full
 
 
+def quantize_int(w: torch.Tensor, bits: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric block quantization along the last axis: int8 levels [..., K] and float32 scales [..., K/block].
+
+    8 bits: scale = amax / 127, levels -127..127. 4 bits: the largest-magnitude value m of each block maps to
+    -8 (scale = m / -8, as llama.cpp's q4_0 does), so all 16 levels -8..7 are used and a scale may be negative.
+    An all-zero block gets scale 1. A partial last block has its own scale."""
+    k = w.shape[-1]
+    nb = -(-k // block)
+    padded = torch.zeros((*w.shape[:-1], nb * block), dtype=torch.float32)
+    padded[..., :k] = w.float()
+    tiles = padded.unflatten(-1, (nb, block))
+    if bits == 8:
+        scale = tiles.abs().amax(-1) / 127.0
+    else:
+        top = tiles.gather(-1, tiles.abs().argmax(-1, keepdim=True)).squeeze(-1)
+        scale = top / -float(1 << (bits - 1))
+    scale = torch.where(scale != 0, scale, torch.ones_like(scale))
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    q = torch.round(tiles / scale[..., None]).clamp(lo, hi).to(torch.int8).flatten(-2)[..., :k]
+    return q.contiguous(), scale.contiguous()
+
+
+def dequantize_int(q: torch.Tensor, scale: torch.Tensor, block: int) -> torch.Tensor:
+    """float32 weights from int levels and their per-block scales along the last axis."""
+    return q.float() * scale.repeat_interleave(block, -1)[..., : q.shape[-1]]
+
+
+def weight_of(w: torch.Tensor, scale: torch.Tensor | None, a: Attrs) -> torch.Tensor:
+    """The float32 weight a LINEAR / MOE_EXPERTS node computes with, whatever its storage format."""
+    if w.dtype == torch.int8:
+        return dequantize_int(w, scale, a["block"])
+    return dequantize(w, scale)
+
+
 def _infer_linear(t: list[TensorType], a: Attrs) -> list[TensorType]:
     x, w = t[:2]
     _need(w.rank == 2, f"linear weight must be 2-D, got {w}")
     _need(x.shape[-1] == w.shape[1], f"linear: input {x} does not match weight {w}")
-    _check_scales([w], t[2:], "linear")
+    _check_scales([w], t[2:], "linear", a)
     return [TensorType(x.dtype, x.shape[:-1] + (w.shape[0],))]
 
 
@@ -209,7 +261,7 @@ def _infer_moe_combine(t: list[TensorType], a: Attrs) -> list[TensorType]:
 
 def _infer_moe_experts(t: list[TensorType], a: Attrs) -> list[TensorType]:
     x, w, idx, gate, up, down = t[:6]
-    _check_scales([gate, up, down], t[6:], "moe_experts")
+    _check_scales([gate, up, down], t[6:], "moe_experts", a)
     e, inter, hidden = gate.shape
     _need(w.shape == idx.shape and w.shape[:-1] == x.shape[:-1], f"moe_experts: routing {w} does not match {x}")
     _need(gate.shape == up.shape == (e, inter, x.shape[-1]), f"moe_experts: gate {gate} / up {up} vs input {x}")
@@ -284,7 +336,7 @@ def _run_moe_experts(ins: list[torch.Tensor], a: Attrs) -> torch.Tensor:
     """Each token through its chosen experts only: sum_k weight_k * down(silu(gate x) * up x)."""
     x, w, idx = ins[:3]
     scales = ins[6:] or [None, None, None]
-    gate, up, down = (dequantize(m, s) for m, s in zip(ins[3:6], scales, strict=True))
+    gate, up, down = (weight_of(m, s, a) for m, s in zip(ins[3:6], scales, strict=True))
     flat, w2, idx2 = x.reshape(-1, x.shape[-1]), w.reshape(-1, w.shape[-1]), idx.reshape(-1, idx.shape[-1])
     out = torch.zeros_like(flat, dtype=torch.float32)
     for e in idx2.unique().tolist():
@@ -315,7 +367,7 @@ SCHEMAS: dict[Op, OpSchema] = {
     Op.LINEAR: OpSchema(
         (2, 3),
         _infer_linear,
-        lambda i, a: [F.linear(i[0], dequantize(i[1], i[2] if len(i) > 2 else None).to(i[0].dtype))],
+        lambda i, a: [F.linear(i[0], weight_of(i[1], i[2] if len(i) > 2 else None, a).to(i[0].dtype))],
     ),
     Op.HEAD_LINEAR: OpSchema(
         (2, 2), _infer_head_linear, lambda i, a: [torch.einsum("...hi,hoi->...ho", i[0], i[1].to(i[0].dtype))]

@@ -20,6 +20,7 @@ class DType(enum.Enum):
     F16 = "float16"
     BF16 = "bfloat16"
     F8E4M3 = "float8_e4m3fn"
+    I8 = "int8"  # block-quantized weight values (int8 or int4 levels, the node's ``bits`` attribute says)
     I64 = "int64"
     I32 = "int32"
     BOOL = "bool"
@@ -53,6 +54,7 @@ _SHORT = {
     DType.F16: "f16",
     DType.BF16: "bf16",
     DType.F8E4M3: "f8e4m3",
+    DType.I8: "i8",
     DType.I64: "i64",
     DType.I32: "i32",
     DType.BOOL: "bool",
@@ -138,7 +140,7 @@ def bind_dims(shape: tuple[Dim, ...], actual: tuple[int, ...], env: dict[str, in
 
 class Op(enum.Enum):
     EMBEDDING = "embedding"  # (ids, table) -> table[ids]
-    LINEAR = "linear"  # (x, weight[out,in]) -> x @ weight^T
+    LINEAR = "linear"  # (x, weight[out,in], scales?) -> x @ weight^T; FP8 or int (bits, block) weights take scales
     HEAD_LINEAR = "head_linear"  # (x[..., heads, in], weight[heads, out, in]) -> one linear map per head
     RMS_NORM = "rms_norm"  # (x, weight) eps
     ROPE = "rope"  # (x[..., d], positions[b, s]) inv_freq, scaling, interleaved
@@ -152,4 +154,6 @@ class Op(enum.Enum):
     EXPAND = "expand"  # axis, size: broadcast a size-1 axis
     MOE_ROUTE = "moe_route"  # (x, gate[E,H], bias[E]?) -> (weights[b,s,k], experts[b,s,k])
     MOE_COMBINE = "moe_combine"  # (weights, experts, y_0 ... y_{E-1}) -> sum_k weights * y_experts
-    MOE_EXPERTS = "moe_experts"  # (x, weights, experts, gate[E,I,H], up[E,I,H], down[E,H,I]) -> routed SwiGLU FFNs
+    MOE_EXPERTS = (
+        "moe_experts"  # (x, weights, experts, gate[E,I,H], up[E,I,H], down[E,H,I], scales x3?) -> routed SwiGLU FFNs
+    )

@@ -28,6 +28,7 @@ REGISTRY: dict[str, str] = {
     "mla-absorb": "dsc.passes.mla_absorb:MlaAbsorbPass",
     "expert-fusion": "dsc.passes.expert_fusion:ExpertFusionPass",
     "fp8-quantize": "dsc.passes.fp8_quantize:Fp8QuantizePass",
+    "int-quantize": "dsc.passes.int_quantize:IntQuantizePass",
     "expert-placement": "dsc.passes.expert_placement:ExpertPlacementPass",
 }
 
@@ -47,7 +48,18 @@ ORDER: tuple[Order, ...] = (
     Order("fp8-quantize", "expert-fusion", "fp8-quantize rewrites linear nodes; fused experts are no longer linear"),
     Order("mla-absorb", "cleanup", "mla-absorb matches attention blocks as traced; cleanup folds their reshapes"),
     Order("expert-fusion", "cleanup", "cleanup removes what expert-fusion leaves dead"),
+    Order("mla-absorb", "int-quantize", "mla-absorb splits kv_b_proj in float; int levels cannot be re-sliced"),
+    Order("expert-fusion", "int-quantize", "int-quantize quantizes fused experts stack by stack (QMoE's layout)"),
+    Order("expert-placement", "int-quantize", "placement replicates float experts; quantizing after keeps one path"),
+    Order("fp8-quantize", "int-quantize", "int-quantize re-expresses FP8 weights; the reverse would lose them"),
 )
+
+# --quantize values and the pass each one adds.
+QUANTIZE_PASSES: dict[str, tuple[str, dict[str, str]]] = {
+    "fp8": ("fp8-quantize", {}),
+    "int8": ("int-quantize", {"bits": "8"}),
+    "int4": ("int-quantize", {"bits": "4"}),
+}
 
 
 def check_order(names: Sequence[str]) -> None:
@@ -176,12 +188,12 @@ def build_pipeline(
     passes: str | Sequence[str] | None = None,
     disable: Sequence[str] = (),
     *,
-    quantize: bool = False,
+    quantize: str | None = None,
     options: Mapping[str, Mapping[str, str]] | None = None,
     extra: Sequence[tuple[str, Mapping[str, str]]] = (),
 ) -> list[Pass]:
     """The default pipeline, or ``passes`` (a spec string or a list of names), with ``extra`` passes inserted
-    where ``ORDER`` wants them (``quantize`` adds fp8-quantize), minus the ``disable``d ones, and ``options``
+    where ``ORDER`` wants them (``quantize``: a ``QUANTIZE_PASSES`` key), minus the ``disable``d ones, and ``options``
     ({pass: {option: text}}) applied on top of the spec's own. Checks names, options and order."""
     known = ", ".join(sorted(REGISTRY))
     for name in disable:
@@ -196,8 +208,8 @@ def build_pipeline(
     else:
         entries = [(n, {}) for n in passes]
     entries = [(n, dict(o)) for n, o in entries]
-    if quantize:
-        extra = [*extra, ("fp8-quantize", {})]
+    if quantize is not None:
+        extra = [*extra, QUANTIZE_PASSES[quantize]]
     for name, opts in extra:
         if name not in [n for n, _ in entries]:
             entries.insert(_slot_for(name, [n for n, _ in entries]), (name, dict(opts)))

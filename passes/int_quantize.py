@@ -1,0 +1,207 @@
+"""Weight-only int8 / int4 block quantization for execution in onnxruntime's low-bit CPU kernels.
+
+Every ``linear`` weight (attention projections, dense and shared-expert MLPs, lm_head) and every fused
+``moe_experts`` stack becomes int levels plus float32 scales, one per ``block`` consecutive inputs of a row
+(``ir.ops.quantize_int``: symmetric, no zero points). The ONNX backend runs them with com.microsoft
+MatMulNBits and QMoE at accuracy level 4 (int8 activations), which is where the speed comes from on CPU:
+DESIGN.md §8 and benchmarks/bench_llamacpp.py have the measurements.
+
+What stays float32, and why: the embedding table (a gather reads one row per token, no GEMM to speed up),
+the router gate and its bias (DeepSeek's routing must choose exactly the experts the model chooses), norms,
+and the small absorbed per-head MLA matrices (``head_linear``, a batched GEMM with no low-bit kernel).
+
+FP8 weights (a native DeepSeek checkpoint, or fp8-quantize earlier in the pipeline) are dequantized with
+their 128x128 scales and re-quantized: the engine then holds int8 where onnxruntime would otherwise fold FP8
+to float32 at load. The added error is in ``--report``.
+
+Fused experts need the hidden and intermediate sizes divisible by the block (QMoE's rule); the pass picks
+the largest power-of-two block <= ``block`` (and >= 16) that divides both, and leaves a layer in float32
+when none does, saying so in the stats.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from dsc.errors import CompileError
+from dsc.ir.graph import Graph, Node, Op, Stacked, Transformed, Value, Weight, WeightSource
+from dsc.ir.ops import dequantize, dequantize_int, int_scale_shape, quantize_int
+from dsc.ir.types import DType, TensorType
+from dsc.passes.base import PassResult, QuantizedWeight
+
+KEEP_FLOAT = ("model.embed_tokens.weight",)
+# Measured on onnxruntime 1.32, 2 cores AVX2 (see the module docstring): larger blocks run faster, smaller ones
+# are more accurate; these defaults meet the quality bars of tests/test_trained_model.py.
+DEFAULT_BLOCK = {8: 128, 4: 32}
+
+
+class IntHalves:
+    """A weight's int quantization, computed once however its two halves (levels, scales) are read."""
+
+    __slots__ = ("source", "bits", "block", "_pending")
+
+    def __init__(self, source: WeightSource, bits: int, block: int) -> None:
+        self.source, self.bits, self.block = source, bits, block
+        self._pending: dict[int, torch.Tensor] = {}
+
+    def part(self, index: int) -> torch.Tensor:
+        if index in self._pending:
+            return self._pending.pop(index)
+        halves = quantize_int(self.source.load(), self.bits, self.block)
+        self._pending[1 - index] = halves[1 - index]
+        return halves[index]
+
+    def restore(self) -> torch.Tensor:
+        return dequantize_int(*quantize_int(self.source.load(), self.bits, self.block), self.block)
+
+
+@dataclass(frozen=True)
+class IntPart:
+    """One half (0 = int levels, 1 = float32 block scales) of a weight's int quantization."""
+
+    halves: IntHalves
+    part: int
+
+    def load(self) -> torch.Tensor:
+        return self.halves.part(self.part)
+
+    def describe(self) -> str:
+        what = "levels" if self.part == 0 else "scales"
+        return f"int{self.halves.bits}_{what}(block {self.halves.block}, {self.halves.source.describe()})"
+
+
+def _float_source(g: Graph, w: Value, scale: Value | None) -> WeightSource:
+    """The float32 weight behind ``w`` (FP8 values and scales dequantized, lazily)."""
+    src = g.weights[w.name].source
+    if scale is None:
+        return src
+    return Transformed("dequantize_fp8", (src, g.weights[scale.name].source), dequantize)
+
+
+def _stacked_float_parts(g: Graph, w: Value, scale: Value | None) -> tuple[WeightSource, ...] | None:
+    """Per-expert float32 sources of a stacked expert weight, or None when it is not stacked part by part."""
+    src = g.weights[w.name].source
+    if not isinstance(src, Stacked):
+        return None
+    if scale is None:
+        return src.parts
+    scales = g.weights[scale.name].source
+    if not isinstance(scales, Stacked) or len(scales.parts) != len(src.parts):
+        return None
+    return tuple(Transformed("dequantize_fp8", pair, dequantize) for pair in zip(src.parts, scales.parts, strict=True))
+
+
+def _scale_type(w: Value, block: int) -> TensorType:
+    return TensorType(DType.F32, int_scale_shape(w.type.shape, block))
+
+
+def describe_format(bits: int, block: int) -> str:
+    return f"int{bits} block {block} symmetric"
+
+
+@dataclass(frozen=True)
+class IntQuantizePass:
+    name: ClassVar[str] = "int-quantize"
+    requires: ClassVar[tuple[str, ...]] = ()
+    bits: int = 8
+    block: int = 0  # 0 = DEFAULT_BLOCK[bits]
+    experts: bool = True  # quantize fused routed experts (QMoE)
+    linears: bool = True  # quantize linear layers (MatMulNBits)
+    keep: tuple[str, ...] = KEEP_FLOAT
+
+    def __post_init__(self) -> None:
+        if self.bits not in DEFAULT_BLOCK:
+            raise CompileError(f"int-quantize: bits must be 8 or 4, not {self.bits}")
+        block = self.block or DEFAULT_BLOCK[self.bits]
+        if block < 16 or block & (block - 1):
+            raise CompileError(f"int-quantize: block must be a power of two >= 16, not {block}")
+
+    @property
+    def block_size(self) -> int:
+        return self.block or DEFAULT_BLOCK[self.bits]
+
+    def run(self, graph: Graph) -> PassResult:
+        g = graph.clone()
+        records: list[QuantizedWeight] = list(g.meta.get("quantized_weights", ()))
+        done: dict[str, tuple[Value, Value, int]] = {}
+        stats: dict = {"linear": 0, "experts": 0, "from_fp8": 0, "kept_float": [], "experts_kept_float": {}}
+        for i, node in enumerate(g.nodes):
+            if node.op == Op.LINEAR and self.linears:
+                new = self._linear(g, node, done, records, stats)
+            elif node.op == Op.MOE_EXPERTS and self.experts:
+                new = self._experts(g, node, records, stats)
+            else:
+                continue
+            if new is not None:
+                g.nodes[i] = new
+        g.remove_dead()  # FP8 scales the int weights replaced
+        g.meta["quantized_weights"] = tuple(records)
+        g.meta["int_quantization"] = {"bits": self.bits, "block": self.block_size}
+        stats["kept_float"] = sorted(set(stats["kept_float"]))
+        return PassResult(g, stats["linear"] + stats["experts"] > 0, stats)
+
+    def _quantized(self, g: Graph, name: str, type_: Value, source: WeightSource, block: int) -> tuple[Value, Value]:
+        halves = IntHalves(source, self.bits, block)
+        q = Value(name, type_.type.with_dtype(DType.I8))
+        s = Value(f"{name}.int{self.bits}_scale", _scale_type(type_, block))
+        g.weights[q.name] = Weight(q, IntPart(halves, 0))
+        g.weights[s.name] = Weight(s, IntPart(halves, 1))
+        return q, s
+
+    def _linear(self, g: Graph, node: Node, done: dict, records: list, stats: dict) -> Node | None:
+        w = node.inputs[1]
+        scale = node.inputs[2] if len(node.inputs) > 2 else None
+        if w.name in self.keep or w.name not in g.weights or w.type.dtype not in (DType.F32, DType.F8E4M3):
+            stats["kept_float"].append(w.name)
+            return None
+        if w.name not in done:
+            src = _float_source(g, w, scale)
+            q, s = self._quantized(g, w.name, w, src, self.block_size)
+            halves = g.weights[q.name].source.halves
+            fmt = describe_format(self.bits, self.block_size) + (" (from fp8)" if scale is not None else "")
+            records.append(QuantizedWeight(w.name, g.layer_of(node), fmt, src, halves.restore))
+            done[w.name] = (q, s)
+            stats["linear"] += 1
+            stats["from_fp8"] += scale is not None
+        q, s = done[w.name]
+        attrs = {**node.attrs, "bits": self.bits, "block": self.block_size}
+        meta = {**node.meta, "from_pass": self.name}
+        return Node(Op.LINEAR, node.name, (node.inputs[0], q, s), node.outputs, attrs, meta)
+
+    def _experts(self, g: Graph, node: Node, records: list, stats: dict) -> Node | None:
+        x, rw, idx, *weights = node.inputs
+        mats, scales = weights[:3], (weights[3:] or [None, None, None])
+        inter, hidden = mats[0].type.shape[1], mats[0].type.shape[2]
+        block = self.block_size
+        while block >= 16 and (hidden % block or inter % block):
+            block //= 2
+        if block < 16:
+            stats["experts_kept_float"][node.name] = f"no block >= 16 divides hidden {hidden} and intermediate {inter}"
+            return None
+        if mats[0].type.dtype not in (DType.F32, DType.F8E4M3):
+            stats["experts_kept_float"][node.name] = f"weights are {mats[0].type.dtype.value}"
+            return None
+        new_q, new_s = [], []
+        for w, sc in zip(mats, scales, strict=True):
+            parts = _stacked_float_parts(g, w, sc)
+            if parts is None:
+                stats["experts_kept_float"][node.name] = f"{w.name} is not stacked expert by expert"
+                return None
+            halves = [IntHalves(p, self.bits, block) for p in parts]
+            q = Value(w.name, w.type.with_dtype(DType.I8))
+            s = Value(f"{w.name}.int{self.bits}_scale", _scale_type(w, block))
+            g.weights[q.name] = Weight(q, Stacked(f"int{self.bits}_levels", tuple(IntPart(h, 0) for h in halves)))
+            g.weights[s.name] = Weight(s, Stacked(f"int{self.bits}_scales", tuple(IntPart(h, 1) for h in halves)))
+            fmt = describe_format(self.bits, block) + (" (from fp8)" if sc is not None else "")
+            original = Stacked("stack", parts)
+            restore = lambda hs=halves: torch.stack([h.restore() for h in hs])  # noqa: E731
+            records.append(QuantizedWeight(w.name, g.layer_of(node), fmt, original, restore))
+            new_q.append(q)
+            new_s.append(s)
+            stats["from_fp8"] += sc is not None
+        stats["experts"] += 1
+        attrs = {**node.attrs, "bits": self.bits, "block": block}
+        meta = {**node.meta, "from_pass": self.name}
+        return Node(Op.MOE_EXPERTS, node.name, (x, rw, idx, *new_q, *new_s), node.outputs, attrs, meta)
