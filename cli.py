@@ -80,7 +80,7 @@ def _add_compile(sub) -> None:
         "--passes",
         metavar="SPEC",
         help="run exactly these passes, in this order, with options: 'mla-absorb{fold-q=true},expert-fusion,cleanup' "
-        "(passes: cleanup, expert-fusion, expert-placement, fp8-quantize, mla-absorb)",
+        "(passes: cleanup, expert-fusion, expert-placement, fp8-quantize, int-quantize, mla-absorb)",
     )
     c.add_argument(
         "--pass-option",
