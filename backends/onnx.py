@@ -176,11 +176,11 @@ def _dequantize(t: Tape, weight: str, scale: str, axis: int) -> str:
 
 def _is_int(n: Node) -> bool:
     """Weights in int levels with block scales (the int-quantize pass): run by onnxruntime's low-bit kernels."""
-    return n.inputs[1 if n.op == Op.LINEAR else 3].type.dtype == DType.I8
+    return n.inputs[3 if n.op == Op.MOE_EXPERTS else 1].type.dtype == DType.I8
 
 
 def _is_fp8(n: Node) -> bool:
-    return n.inputs[1 if n.op == Op.LINEAR else 3].type.dtype == DType.F8E4M3
+    return n.inputs[3 if n.op == Op.MOE_EXPERTS else 1].type.dtype == DType.F8E4M3
 
 
 # int8 activations (accuracy level 4): the fast path of MatMulNBits and QMoE on CPU. At level 0, 8-bit
@@ -445,6 +445,17 @@ def _expand(t: Tape, n: Node, ins: list[str]) -> None:
 
 
 def _embedding(t: Tape, n: Node, ins: list[str]) -> None:
+    if _is_int(n):  # com.microsoft GatherBlockQuantized: uint8 rows [V, H*bits/8], scales [V, H/block]
+        t.result(
+            "GatherBlockQuantized",
+            [t.owned("gbq"), ins[0], t.owned("gbq_scale")],
+            domain="com.microsoft",
+            bits=n.attrs["bits"],
+            block_size=n.attrs["block"],
+            gather_axis=0,
+            quantize_axis=1,
+        )
+        return
     t.result("Gather", [ins[1], ins[0]], axis=0)
 
 
@@ -520,6 +531,7 @@ _DOWN_T = Layout((5,), lambda n, d: d.transpose(1, 2))
 # weights, for DequantizeLinear along axis 1.
 _NBITS = Layout((1,), lambda n, q: pack_nbits(q, n.attrs["bits"], n.attrs["block"]), when=_is_int)
 _NBITS_SCALE = Layout((2,), lambda n, s: s, when=_is_int)
+_GBQ = Layout((1,), _flat_nbits, when=_is_int)  # whole blocks per row: the rows' packed bytes, [V, H*bits/8]
 _Q_GLU = Layout((3, 4), lambda n, g, u: _flat_nbits(n, _glu_interleaved(n, g, u)), when=_is_int)
 _Q_GLU_SCALE = Layout((6, 7), _glu_interleaved, when=_is_int)
 _Q_DOWN = Layout((5,), _flat_nbits, when=_is_int)
@@ -531,7 +543,7 @@ _DOWN_T_ISCALE = Layout((8,), _DOWN_T.build, when=_is_int)
 LOWERINGS: dict[Op, Lowering] = {
     r.op: r
     for r in (
-        Lowering(Op.EMBEDDING, _embedding),
+        Lowering(Op.EMBEDDING, _embedding, layouts={"gbq": _GBQ, "gbq_scale": _NBITS_SCALE}),
         Lowering(
             Op.LINEAR,
             _linear,

@@ -57,10 +57,11 @@ def _axis(axis: int, rank: int) -> int:
 
 # -- inference -------------------------------------------------------------------------------------
 def _infer_embedding(t: list[TensorType], a: Attrs) -> list[TensorType]:
-    ids, table = t
+    ids, table = t[:2]
     _need(ids.dtype in (DType.I64, DType.I32), "embedding ids must be integers")
     _need(table.rank == 2, "embedding table must be 2-D")
-    return [TensorType(table.dtype, ids.shape + (table.shape[1],))]
+    _check_scales([table], t[2:], "embedding", a)
+    return [TensorType(DType.F32 if table.dtype == DType.I8 else table.dtype, ids.shape + (table.shape[1],))]
 
 
 def block_scale_shape(shape: tuple, block: int = FP8_BLOCK) -> tuple:
@@ -370,7 +371,9 @@ def _expand(x: torch.Tensor, a: Attrs) -> torch.Tensor:
 
 
 SCHEMAS: dict[Op, OpSchema] = {
-    Op.EMBEDDING: OpSchema((2, 2), _infer_embedding, lambda i, a: [F.embedding(i[0], i[1])]),
+    Op.EMBEDDING: OpSchema(
+        (2, 3), _infer_embedding, lambda i, a: [F.embedding(i[0], weight_of(i[1], i[2] if len(i) > 2 else None, a))]
+    ),
     Op.LINEAR: OpSchema(
         (2, 3),
         _infer_linear,

@@ -101,11 +101,17 @@ def test_bad_options_are_refused():
         IntQuantizePass(block=48)
 
 
-def test_traced_model_keeps_embedding_and_quantizes_lm_head():
-    g = IntQuantizePass(bits=8).run(traced_tiny(q_lora=True, yarn=True)).graph
+def test_traced_model_quantizes_embedding_at_8_bits_and_lm_head():
+    g = IntQuantizePass(bits=4).run(traced_tiny(q_lora=True, yarn=True)).graph
     verify(g)
-    assert g.weights["model.embed_tokens.weight"].value.type.dtype == DType.F32
-    assert g.weights["lm_head.weight"].value.type.dtype == DType.I8
+    embed = next(n for n in g.nodes if n.op == Op.EMBEDDING)
+    assert embed.inputs[1].type.dtype == DType.I8 and embed.attrs["bits"] == 8
+    head = next(n for n in g.nodes if n.op == Op.LINEAR and n.outputs[0].name == "logits")
+    assert head.inputs[1].type.dtype == DType.I8 and head.attrs["bits"] == 4
+    route = next(n for n in g.nodes if n.op == Op.MOE_ROUTE)
+    assert route.inputs[1].type.dtype == DType.F32
+    kept = IntQuantizePass(bits=8, embedding_bits=0).run(traced_tiny(q_lora=True, yarn=True)).graph
+    assert kept.weights["model.embed_tokens.weight"].value.type.dtype == DType.F32
 
 
 @pytest.fixture(scope="module")
@@ -126,8 +132,9 @@ def test_engine_matches_interpreter_of_quantized_graph(tiny, tmp_path, bits, low
     summary = compile_model(tiny, tmp_path / "e.onnx", options)
     assert summary.manifest.quantized == f"int{bits}"
     groups = {(w.group, w.format) for w in summary.manifest.weights}
-    assert ("routed experts", f"int{bits} block {32 if bits == 4 else 32}") in groups  # hidden 64, inter 32
-    assert ("embedding", "float32") in groups and ("router", "float32") in groups
+    # hidden 64, inter 32: the experts' block shrinks to 32; the embedding's (8 bits) to 64 at most
+    assert ("routed experts", f"int{bits} block 32") in groups
+    assert ("embedding", f"int8 block {32 if bits == 4 else 64}") in groups and ("router", "float32") in groups
     # the reference: the same pipeline's graph, run by the interpreter
     from dsc.commands.compile import make_pass_manager
 
