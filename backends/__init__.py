@@ -61,7 +61,34 @@ class OnnxBackend:
                 external_data=self.external_data,
                 progress=lambda done, _total: bar.update(done - bar.n),
             )
-        return finish_engine(graph, backend=self.name, engine=out, files=files)
+        return finish_engine(graph, backend=self.name, engine=out, files=files, extra=kernel_facts(model))
+
+
+def kernel_facts(model) -> dict:
+    """What runs the weights, from the emitted ONNX: contrib kernels used, their accuracy levels and block sizes,
+    and the prefill form (recorded in the manifest; ``dsc inspect`` shows the weight formats per group)."""
+    counts: dict[str, int] = {}
+    levels, blocks = set(), set()
+    for node in model.graph.node:
+        if node.domain == "com.microsoft":
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+            for a in node.attribute:
+                if a.name == "accuracy_level":
+                    levels.add(a.i)
+                if a.name == "block_size":
+                    blocks.add(a.i)
+    if not counts:
+        return {}
+    facts: dict = {"contrib_kernels": counts}
+    if levels:
+        facts["accuracy_level"] = sorted(levels)
+        facts["int_blocks"] = sorted(blocks)
+        facts["zero_points"] = "none: symmetric levels, the kernels' default zero point 2^(bits-1)"
+        # One graph serves prefill and decode: at M=128, 8-bit MatMulNBits is slower than float32 MatMul and
+        # 4-bit about even, while QMoE stays faster (issue 11, bench_llamacpp.py); a float copy of the weights for
+        # prefill would undo the memory saving, so prefill runs the same low-bit kernels.
+        facts["prefill"] = "same low-bit kernels as decode (int8 activations)"
+    return facts
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ Every ``linear`` weight (attention projections, dense and shared-expert MLPs, lm
 ``moe_experts`` stack becomes int levels plus float32 scales, one per ``block`` consecutive inputs of a row
 (``ir.ops.quantize_int``: symmetric, no zero points). The ONNX backend runs them with com.microsoft
 MatMulNBits and QMoE at accuracy level 4 (int8 activations), which is where the speed comes from on CPU:
-DESIGN.md §8 and benchmarks/bench_llamacpp.py have the measurements.
+benchmarks/bench_llamacpp.py measures it against llama.cpp.
 
 The embedding table is quantized too, at ``embedding_bits`` (8 by default, whatever ``bits`` is: a gather reads
 one row per token, so fewer bits would only save memory, while each row's error goes straight into the
@@ -36,7 +36,7 @@ from dsc.passes.base import PassResult, QuantizedWeight
 KEEP_FLOAT: tuple[str, ...] = ()
 # Measured on onnxruntime 1.32, 2 cores AVX2 (see the module docstring): larger blocks run faster, smaller ones
 # are more accurate; these defaults meet the quality bars of tests/test_trained_model.py.
-DEFAULT_BLOCK = {8: 128, 4: 32}
+DEFAULT_BLOCK = {8: 128, 4: 128}
 
 
 class IntHalves:

@@ -85,7 +85,7 @@ def test_quantize_inserts_fp8_before_expert_fusion():
     ]
     int4 = build_pipeline(quantize="int4")
     assert [p.name for p in int4] == ["mla-absorb", "expert-fusion", "int-quantize", "cleanup"]
-    assert int4[2].bits == 4 and int4[2].block_size == 32
+    assert int4[2].bits == 4 and int4[2].block_size == 128
     with pytest.raises(CompileError, match="'expert-fusion' must run before 'int-quantize'"):
         build_pipeline("mla-absorb,int-quantize,expert-fusion")
 
