@@ -103,7 +103,8 @@ def _add_compile(sub) -> None:
     c.add_argument(
         "--external-data",
         action="store_true",
-        help="always put weights in <engine>.data (default: only past 2 GB)",
+        help="always put weights in <engine>.data (default: for --quantize int8/int4 engines, which onnxruntime "
+        "then maps and releases weight by weight, and past 2 GB)",
     )
     c.add_argument(
         "--moe-lowering",
