@@ -207,7 +207,7 @@ def _report(graph: Graph, unquantized: Graph, output: Path, prompts: list[list[i
 
     errors = quant_report.weight_errors(graph)
     if not errors:
-        log.info("report: no weight was quantized by this compile (use --quantize fp8)")
+        log.info("report: no weight was quantized by this compile (use --quantize int8, int4 or fp8)")
     else:
         log.info(f"report: block quantization of {len(errors)} weights (relative Frobenius error)")
         for line in quant_report.per_layer(errors):

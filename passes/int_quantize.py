@@ -109,6 +109,7 @@ class IntQuantizePass:
     requires: ClassVar[tuple[str, ...]] = ()
     bits: int = 8
     block: int = 0  # 0 = DEFAULT_BLOCK[bits]
+    expert_block: int = 0  # routed experts' block; 0 = ``block``
     experts: bool = True  # quantize fused routed experts (QMoE)
     linears: bool = True  # quantize linear layers (MatMulNBits)
     embedding_bits: int = 8  # the embedding table (GatherBlockQuantized); 0 keeps it float32
@@ -119,9 +120,9 @@ class IntQuantizePass:
             raise CompileError(f"int-quantize: bits must be 8 or 4, not {self.bits}")
         if self.embedding_bits not in (0, 4, 8):
             raise CompileError(f"int-quantize: embedding-bits must be 8, 4 or 0, not {self.embedding_bits}")
-        block = self.block or DEFAULT_BLOCK[self.bits]
-        if block < 16 or block & (block - 1):
-            raise CompileError(f"int-quantize: block must be a power of two >= 16, not {block}")
+        for block in (self.block or DEFAULT_BLOCK[self.bits], self.expert_block or 16):
+            if block < 16 or block & (block - 1):
+                raise CompileError(f"int-quantize: block sizes must be powers of two >= 16, not {block}")
 
     @property
     def block_size(self) -> int:
@@ -216,7 +217,7 @@ class IntQuantizePass:
         x, rw, idx, *weights = node.inputs
         mats, scales = weights[:3], (weights[3:] or [None, None, None])
         inter, hidden = mats[0].type.shape[1], mats[0].type.shape[2]
-        block = self.block_size
+        block = self.expert_block or self.block_size
         while block >= 16 and (hidden % block or inter % block):
             block //= 2
         if block < 16:

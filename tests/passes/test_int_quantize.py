@@ -97,7 +97,7 @@ def test_experts_left_float_when_no_block_divides():
 def test_bad_options_are_refused():
     with pytest.raises(CompileError, match="bits must be 8 or 4"):
         IntQuantizePass(bits=3)
-    with pytest.raises(CompileError, match="power of two"):
+    with pytest.raises(CompileError, match="powers of two"):
         IntQuantizePass(block=48)
 
 
