@@ -163,3 +163,61 @@ def test_native_fp8_runs_as_int8_by_default_on_onnxruntime(tmp_path):
 def test_tensorrt_refuses_int_formats(tmp_path, tiny):
     with pytest.raises(CompileError, match="TensorRT plans take --quantize fp8"):
         compile_model(tiny, tmp_path / "e.plan", CompileOptions(quantize="int8"))
+
+
+@pytest.mark.parametrize(
+    "scoring,method,groups,norm",
+    [("sigmoid", "noaux_tc", 4, True), ("softmax", "greedy", 1, False), ("softmax", "group_limited_greedy", 2, True)],
+)
+def test_qmoe_routes_by_itself_with_deepseeks_rule(tmp_path, scoring, method, groups, norm):
+    """QMoE fed the router's dense selection scores and mixing scores picks DeepSeek's experts and weights: the
+    router's TopK is gone from the engine, which still matches the interpreter (a wrong pick, a missing
+    normalization or scaling errs by O(1), far past the activation-quantization tolerance)."""
+    import onnx
+    from dsc.backends.onnx import lower_to_onnx
+    from dsc.backends.onnx_io import save_model
+    from dsc.ir import Constant, Graph, GraphBuilder
+    from dsc.runtime.engine import ort_session
+
+    gen = torch.Generator().manual_seed(4)
+    b = GraphBuilder(Graph("routed"))
+    x = b.input("x", DType.F32, ("batch", "seq", 64))
+    gate = b.weight("gate", DType.F32, (8, 64), Constant(torch.randn(8, 64, generator=gen) / 4, "gate"))
+    extra = [b.weight("bias", DType.F32, (8,), Constant(torch.randn(8, generator=gen) / 8, "b"))]
+    attrs = dict(
+        num_experts=8,
+        top_k=3,
+        n_group=groups,
+        topk_group=max(1, groups // 2),
+        scoring=scoring,
+        method=method,
+        norm_topk_prob=norm,
+        scaling=2.5,
+    )
+    w, idx = b.op(Op.MOE_ROUTE, [x, gate, *(extra if method == "noaux_tc" else [])], attrs).outputs
+    mats = []
+    for name, shape in (("g", (8, 32, 64)), ("u", (8, 32, 64)), ("d", (8, 64, 32))):
+        q, s = quantize_int(torch.randn(*shape, generator=gen) / 6, 8, 32)
+        mats.append(
+            (
+                b.weight(name, DType.I8, shape, Constant(q, name)),
+                b.weight(f"{name}.s", DType.F32, tuple(s.shape), Constant(s, "s")),
+            )
+        )
+    ins = [x, w, idx, *(m[0] for m in mats), *(m[1] for m in mats)]
+    b.output(b.op(Op.MOE_EXPERTS, ins, {"num_experts": 8, "bits": 8, "block": 32}, out_names=["y"]).output)
+    graph = b.graph
+    verify(graph)
+    model, inits = lower_to_onnx(graph)
+    ops = [nd.op_type for nd in model.graph.node]
+    group_topks = (2 if method == "noaux_tc" else 1) if groups > 1 else 0  # the group choice keeps its own
+    assert "QMoE" in ops and ops.count("TopK") == group_topks and "GatherElements" not in ops
+    qmoe = next(nd for nd in model.graph.node if nd.op_type == "QMoE")
+    assert len(qmoe.input) == 15 and qmoe.input[14]  # router_weights given
+    save_model(model, inits, tmp_path / "m.onnx")
+    onnx.checker.check_model(str(tmp_path / "m.onnx"))
+    feeds = {"x": torch.randn(2, 5, 64, generator=gen)}
+    got = ort_session(tmp_path / "m.onnx", threads=1).run(["y"], {"x": feeds["x"].numpy()})[0]
+    want = interpret(graph, feeds)["y"]
+    err = float((torch.from_numpy(got) - want).abs().max() / want.abs().max())
+    assert err < ENGINE_RTOL, err
