@@ -551,7 +551,8 @@ def pack_nbits(q: torch.Tensor, bits: int, block: int) -> torch.Tensor:
     nb = -(-k // block)
     u = (q.to(torch.int16) + zero).to(torch.uint8)
     if nb * block != k:
-        u = torch.nn.functional.pad(u, (0, nb * block - k), value=zero)
+        fill = torch.full((*u.shape[:-1], nb * block - k), zero, dtype=torch.uint8, device=u.device)
+        u = torch.cat([u, fill], dim=-1)
     u = u.unflatten(-1, (nb, block))
     if bits == 4:
         u = u[..., 0::2] | (u[..., 1::2] << 4)
