@@ -174,7 +174,7 @@ def fmt(x: float | None, spec: str) -> str:
 
 
 def print_table(rows: dict[str, dict]) -> None:
-    head = f"{'':>9} | {'decode tok/s':^24} | {'prefill tok/s':^24} | {'peak RSS MB':^22} | dsc RSS"
+    head = f"{'':>9} | {'decode tok/s':^23} | {'prefill tok/s':^23} | {'peak RSS MB':^20} | dsc RSS"
     sub = (
         f"{'precision':>9}"
         + f" | {'dsc':>7} {'llama':>7} {'ratio':>7}" * 2
@@ -215,6 +215,19 @@ def print_table(rows: dict[str, dict]) -> None:
             print(f"bar {name:>4}: {bar:<26} {'not measured' if met is None else 'met' if met else 'MISSED'}")
 
 
+def busy_warning(load_average: float, threads: int) -> str | None:
+    """A warning when other processes already use the cores the engines need."""
+    cores = os.cpu_count() or 1
+    if load_average + threads <= cores + 0.5:
+        return None
+    return (
+        f"warning: load average {load_average:.2f} on {cores} cores, {threads} threads per engine: other processes "
+        "compete for the cores, and llama.cpp's thread pool (spinning at barriers) loses far more to that than "
+        "onnxruntime (bench preset, f32, one busy 2-core run: llama.cpp decode 83 tok/s at -t 1, 14 at -t 2); "
+        "trust ratios from a quiet machine, or use --threads 1"
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, help="a DeepSeek checkpoint directory (default: make --preset)")
@@ -239,6 +252,9 @@ def main() -> None:
     command = shlex.join([sys.executable, *sys.argv])
     load_start = os.getloadavg()[0]
     print(f"command: {command}\nthreads: {args.threads} (of {os.cpu_count()} cores), load average {load_start:.2f}")
+    busy = busy_warning(load_start, args.threads)
+    if busy:
+        print(busy)
     tools = Tools.find(args)
     ckpt = (args.checkpoint or bench_checkpoint(args.workdir, args.preset)).resolve()
     ggufs = make_ggufs(ckpt, tools, args.workdir / "gguf", [prec.gguf_type for prec in precisions])
@@ -267,6 +283,7 @@ def main() -> None:
             "tools": {k: str(v) for k, v in vars(tools).items()},
             "ggufs": {k: str(v) for k, v in ggufs.items()},
             "load_average": {"start": load_start, "end": load_end},
+            "busy_warning": busy,
             "rows": rows,
         }
         args.json.write_text(json.dumps(report, indent=2) + "\n")
