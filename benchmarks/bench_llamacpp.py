@@ -173,7 +173,7 @@ def fmt(x: float | None, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
-def print_table(rows: dict[str, dict]) -> None:
+def print_table(rows: dict[str, dict], busy: bool = False) -> None:
     head = f"{'':>9} | {'decode tok/s':^23} | {'prefill tok/s':^23} | {'peak RSS MB':^20} | dsc RSS"
     sub = (
         f"{'precision':>9}"
@@ -212,7 +212,9 @@ def print_table(rows: dict[str, dict]) -> None:
     print()
     for name, row in rows.items():
         for bar, met in row["bars"].items():
-            print(f"bar {name:>4}: {bar:<26} {'not measured' if met is None else 'met' if met else 'MISSED'}")
+            verdict = "not measured" if met is None else "met" if met else "MISSED"
+            caveat = " (busy machine: see the warning)" if busy and met is not None else ""
+            print(f"bar {name:>4}: {bar:<26} {verdict}{caveat}")
 
 
 def busy_warning(load_average: float, threads: int) -> str | None:
@@ -273,7 +275,7 @@ def main() -> None:
     compare(rows)
     load_end = os.getloadavg()[0]
     print(f"\n{ckpt.name}, {args.threads} threads, load average at end {load_end:.2f}")
-    print_table(rows)
+    print_table(rows, busy is not None)
     if args.json:
         settings = {k: getattr(args, k) for k in ("context", "prefill", "decode", "repeats", "threads")}
         report = {
