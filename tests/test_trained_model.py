@@ -63,7 +63,7 @@ def test_heldout_perplexity_is_far_below_uniform(hf_model):
 def test_onnx_engine_matches_transformers_on_heldout_text(hf_model, engine):
     windows = token_windows(heldout_text(), WINDOW, 8)
     ref = hf_logits(hf_model, windows)
-    got, targets = next_token_eval(engine.step, [c.empty(1) for c in engine.cache], windows)
+    got, targets = next_token_eval(engine.step, lambda b: [c.empty(b) for c in engine.cache], windows)
     assert got.shape == ref.shape and targets.tolist() == [w[1:] for w in windows]
     rel = np.abs(got - ref).max() / np.abs(ref).max()
     assert rel < 1e-4, f"max abs diff / max abs logit = {rel:.2e}"
