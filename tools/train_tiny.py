@@ -1,6 +1,6 @@
 """Train a tiny DeepSeek-V3 checkpoint on the Python standard library's source, so accuracy tests mean something.
 
-    python tools/train_tiny.py --out tests/data/tiny_trained --steps 7500 --seed 0 \
+    python tools/train_tiny.py --out tests/data/tiny_trained --steps 5000 --seed 0 \
         --heldout-text tests/data/heldout.txt
 
 The model is transformers' DeepseekV3ForCausalLM with every V3 feature on (q_lora_rank, MLA, YaRN rope, sigmoid
