@@ -13,7 +13,7 @@ def test_default_pipeline_and_disable():
     assert [p.name for p in build_pipeline()] == list(DEFAULT_PIPELINE)
     assert "mla-absorb" not in [p.name for p in build_pipeline(disable=["mla-absorb"])]
     assert [p.name for p in build_pipeline(["cleanup"])] == ["cleanup"]
-    known = "cleanup, expert-fusion, expert-placement, fp8-quantize, mla-absorb"
+    known = "cleanup, expert-fusion, expert-placement, fp8-quantize, int-quantize, mla-absorb"
     with pytest.raises(CompileError, match=f"unknown pass 'nope'; known passes: {known}"):
         build_pipeline(["nope"])
     with pytest.raises(CompileError, match="--disable-pass: unknown pass"):
