@@ -80,7 +80,7 @@ def _add_compile(sub) -> None:
         "--passes",
         metavar="SPEC",
         help="run exactly these passes, in this order, with options: 'mla-absorb{fold-q=true},expert-fusion,cleanup' "
-        "(passes: cleanup, expert-fusion, expert-placement, fp8-quantize, mla-absorb)",
+        "(passes: cleanup, expert-fusion, expert-placement, fp8-quantize, int-quantize, mla-absorb)",
     )
     c.add_argument(
         "--pass-option",
@@ -103,7 +103,8 @@ def _add_compile(sub) -> None:
     c.add_argument(
         "--external-data",
         action="store_true",
-        help="always put weights in <engine>.data (default: only past 2 GB)",
+        help="always put weights in <engine>.data (default: for --quantize int8/int4 engines, which onnxruntime "
+        "then maps and releases weight by weight, and past 2 GB)",
     )
     c.add_argument(
         "--moe-lowering",

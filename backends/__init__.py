@@ -39,13 +39,14 @@ class OnnxBackend:
 
     name: ClassVar[str] = "onnx"
     moe_lowering: str = "contrib"  # fused experts: onnxruntime's MoE kernel, or "gather" (standard ops)
-    external_data: bool | None = None  # None: only when the weights pass protobuf's 2 GB limit
+    external_data: bool | None = None  # None: for int (low-bit) weights, or when they pass protobuf's 2 GB limit
 
     def write(self, graph: Graph, out: Path) -> Manifest:
         from dsc import __version__
         from dsc.backends.onnx import lower_to_onnx
         from dsc.backends.onnx_io import save_model
         from dsc.engine_format import finish_engine
+        from dsc.ir.types import DType
         from tqdm import tqdm
 
         log.info("[3/4] lowering to ONNX (opset 21)")
@@ -53,15 +54,47 @@ class OnnxBackend:
         total = sum(i.nbytes for i in initializers)
         log.info(f"[4/4] writing {out} ({total / 2**20:.1f} MB of weights)")
         quiet = not log.isEnabledFor(logging.INFO)
+        external = self.external_data
+        if external is None and any(w.value.type.dtype == DType.I8 for w in graph.weights.values()):
+            # onnxruntime maps external data and drops each weight once its kernel has prepacked it; weights
+            # inside the .onnx stay in memory beside their packed copies (bench preset int8: 191 vs 240 MB RSS)
+            external = True
         with tqdm(total=total, unit="B", unit_scale=True, desc="      weights", disable=quiet or None) as bar:
             files = save_model(
                 model,
                 initializers,
                 out,
-                external_data=self.external_data,
+                external_data=external,
                 progress=lambda done, _total: bar.update(done - bar.n),
             )
-        return finish_engine(graph, backend=self.name, engine=out, files=files)
+        return finish_engine(graph, backend=self.name, engine=out, files=files, extra=kernel_facts(model))
+
+
+def kernel_facts(model) -> dict:
+    """What runs the weights, from the emitted ONNX: contrib kernels used, their accuracy levels and block sizes,
+    and the prefill form (recorded in the manifest; ``dsc inspect`` shows the weight formats per group)."""
+    counts: dict[str, int] = {}
+    levels, blocks = set(), set()
+    for node in model.graph.node:
+        if node.domain == "com.microsoft":
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+            for a in node.attribute:
+                if a.name == "accuracy_level":
+                    levels.add(a.i)
+                if a.name == "block_size":
+                    blocks.add(a.i)
+    if not counts:
+        return {}
+    facts: dict = {"contrib_kernels": counts}
+    if levels:
+        facts["accuracy_level"] = sorted(levels)
+        facts["int_blocks"] = sorted(blocks)
+        facts["zero_points"] = "none: symmetric levels, the kernels' default zero point 2^(bits-1)"
+        # One graph serves prefill and decode: at M=128, 8-bit MatMulNBits is slower than float32 MatMul and
+        # 4-bit about even, while QMoE stays faster (issue 11, bench_llamacpp.py); a float copy of the weights for
+        # prefill would undo the memory saving, so prefill runs the same low-bit kernels.
+        facts["prefill"] = "same low-bit kernels as decode (int8 activations)"
+    return facts
 
 
 @dataclass(frozen=True)

@@ -176,11 +176,11 @@ def _dequantize(t: Tape, weight: str, scale: str, axis: int) -> str:
 
 def _is_int(n: Node) -> bool:
     """Weights in int levels with block scales (the int-quantize pass): run by onnxruntime's low-bit kernels."""
-    return n.inputs[1 if n.op == Op.LINEAR else 3].type.dtype == DType.I8
+    return n.inputs[3 if n.op == Op.MOE_EXPERTS else 1].type.dtype == DType.I8
 
 
 def _is_fp8(n: Node) -> bool:
-    return n.inputs[1 if n.op == Op.LINEAR else 3].type.dtype == DType.F8E4M3
+    return n.inputs[3 if n.op == Op.MOE_EXPERTS else 1].type.dtype == DType.F8E4M3
 
 
 # int8 activations (accuracy level 4): the fast path of MatMulNBits and QMoE on CPU. At level 0, 8-bit
@@ -306,6 +306,9 @@ def _moe_route(t: Tape, n: Node, ins: list[str]) -> None:
     choice = t.op("Add", [scores, ins[2]]) if len(ins) > 2 else scores  # the bias steers choice, not weight
     if a["method"] in ("noaux_tc", "group_limited_greedy") and a["n_group"] > 1:
         choice = _keep_top_groups(t, n, choice)
+    # The dense selection scores and mixing scores, for an experts kernel that routes itself (QMoE); the
+    # TopK below is then dead in the ONNX graph and dropped.
+    t.shared(("route", n.outputs[0].name), lambda: (choice, scores, a))
     _, experts = t.op_multi("TopK", [choice, t.i64([a["top_k"]])], 2, axis=-1)
     weights = t.op("GatherElements", [scores, experts], axis=-1)
     if a["norm_topk_prob"] and a["top_k"] > 1:
@@ -355,6 +358,8 @@ def _moe_contrib(t: Tape, n: Node, ins: list[str]) -> None:
     the chosen experts (log 0 = -inf elsewhere) makes softmax return w / sum(w) at exactly DeepSeek's
     choices, and multiplying the output by sum(w) restores the weights: routing stays exact (DESIGN.md §8).
     """
+    if _is_int(n) and ("route", n.inputs[1].name) in t.e._shared:
+        return _qmoe_routed(t, n, ins, *t.e._shared[("route", n.inputs[1].name)])
     x2, w2, idx2, shape = _flat_routing(t, n, ins)
     logits = t.op("Log", [_scatter_dense(t, t.op("Shape", [w2], end=1), idx2, w2, n.attrs["num_experts"])])
     attrs = dict(
@@ -386,6 +391,45 @@ def _moe_contrib(t: Tape, n: Node, ins: list[str]) -> None:
             fc2 = _dequantize(t, fc2, t.owned("down_scale"), axis=2)
         y = t.op("MoE", [x2, logits, fc1, "", fc2], **attrs)
     y = t.op("Mul", [y, t.op("ReduceSum", [w2, t.i64([-1])], keepdims=1)])
+    t.result("Reshape", [y, shape])
+
+
+_SWIGLU = dict(
+    domain="com.microsoft",
+    activation_type="swiglu",
+    swiglu_fusion=1,
+    activation_alpha=1.0,
+    activation_beta=0.0,
+    swiglu_limit=1e30,
+)
+
+
+def _qmoe_routed(t: Tape, n: Node, ins: list[str], choice: str, scores: str, route: dict) -> None:
+    """QMoE routing by itself from the router's dense tensors (DeepSeek's exact rule, one kernel instead of
+    about fifteen): it picks the top-k of ``router_probs`` (the selection scores: bias added, groups masked)
+    and mixes with ``router_weights`` (the scores) gathered at the picks, normalized to sum 1 when
+    ``normalize_routing_weights``; the routed scaling factor multiplies the output. Checked against the
+    reference by tests/backends/test_lowerings.py (moe_route + moe_experts)."""
+    hidden, n_exp = n.inputs[0].type.shape[-1], route["num_experts"]
+    shape = t.op("Shape", [ins[0]])
+    x2 = t.op("Reshape", [ins[0], t.i64([-1, hidden])])
+    probs = t.op("Reshape", [choice, t.i64([-1, n_exp])])
+    weights = t.op("Reshape", [scores, t.i64([-1, n_exp])])
+    a = n.attrs
+    y = t.op(
+        "QMoE",
+        [x2, probs, t.owned("q_glu"), t.owned("q_glu_scale"), "", t.owned("q_down"), t.owned("q_down_scale")]
+        + [""] * 7
+        + [weights],
+        k=route["top_k"],
+        normalize_routing_weights=int(route["norm_topk_prob"] and route["top_k"] > 1),
+        expert_weight_bits=a["bits"],
+        block_size=a["block"],
+        accuracy_level=ACCURACY_LEVEL,
+        **_SWIGLU,
+    )
+    if route["scaling"] != 1.0:
+        y = t.op("Mul", [y, t.f32(route["scaling"])])
     t.result("Reshape", [y, shape])
 
 
@@ -445,6 +489,17 @@ def _expand(t: Tape, n: Node, ins: list[str]) -> None:
 
 
 def _embedding(t: Tape, n: Node, ins: list[str]) -> None:
+    if _is_int(n):  # com.microsoft GatherBlockQuantized: uint8 rows [V, H*bits/8], scales [V, H/block]
+        t.result(
+            "GatherBlockQuantized",
+            [t.owned("gbq"), ins[0], t.owned("gbq_scale")],
+            domain="com.microsoft",
+            bits=n.attrs["bits"],
+            block_size=n.attrs["block"],
+            gather_axis=0,
+            quantize_axis=1,
+        )
+        return
     t.result("Gather", [ins[1], ins[0]], axis=0)
 
 
@@ -496,7 +551,8 @@ def pack_nbits(q: torch.Tensor, bits: int, block: int) -> torch.Tensor:
     nb = -(-k // block)
     u = (q.to(torch.int16) + zero).to(torch.uint8)
     if nb * block != k:
-        u = torch.nn.functional.pad(u, (0, nb * block - k), value=zero)
+        fill = torch.full((*u.shape[:-1], nb * block - k), zero, dtype=torch.uint8, device=u.device)
+        u = torch.cat([u, fill], dim=-1)
     u = u.unflatten(-1, (nb, block))
     if bits == 4:
         u = u[..., 0::2] | (u[..., 1::2] << 4)
@@ -520,6 +576,7 @@ _DOWN_T = Layout((5,), lambda n, d: d.transpose(1, 2))
 # weights, for DequantizeLinear along axis 1.
 _NBITS = Layout((1,), lambda n, q: pack_nbits(q, n.attrs["bits"], n.attrs["block"]), when=_is_int)
 _NBITS_SCALE = Layout((2,), lambda n, s: s, when=_is_int)
+_GBQ = Layout((1,), _flat_nbits, when=_is_int)  # whole blocks per row: the rows' packed bytes, [V, H*bits/8]
 _Q_GLU = Layout((3, 4), lambda n, g, u: _flat_nbits(n, _glu_interleaved(n, g, u)), when=_is_int)
 _Q_GLU_SCALE = Layout((6, 7), _glu_interleaved, when=_is_int)
 _Q_DOWN = Layout((5,), _flat_nbits, when=_is_int)
@@ -531,7 +588,7 @@ _DOWN_T_ISCALE = Layout((8,), _DOWN_T.build, when=_is_int)
 LOWERINGS: dict[Op, Lowering] = {
     r.op: r
     for r in (
-        Lowering(Op.EMBEDDING, _embedding),
+        Lowering(Op.EMBEDDING, _embedding, layouts={"gbq": _GBQ, "gbq_scale": _NBITS_SCALE}),
         Lowering(
             Op.LINEAR,
             _linear,
@@ -610,6 +667,19 @@ def _weight_initializers(e: _Emitter) -> dict[tuple[str, str], str]:
     return names
 
 
+def _drop_dead_nodes(e: _Emitter, outputs: list[str]) -> None:
+    """Remove ONNX nodes nothing reads (say, a router's TopK when QMoE routes by itself) and the constants and
+    initializers only they used."""
+    live = set(outputs)
+    kept = []
+    for node in reversed(e.nodes):
+        if any(o in live for o in node.output):
+            kept.append(node)
+            live.update(node.input)
+    e.nodes = kept[::-1]
+    e.initializers = [i for i in e.initializers if i.name in live]
+
+
 def lower_to_onnx(
     graph: Graph, *, producer_version: str = "0", moe_lowering: str = "contrib"
 ) -> tuple[onnx.ModelProto, list[Initializer]]:
@@ -637,6 +707,7 @@ def lower_to_onnx(
     produced = {name for nd in e.nodes for name in nd.output}
     missing = [v.name for nd in graph.nodes for v in nd.outputs if v.name not in produced]
     assert not missing, f"lowerings left IR values unwritten (a lowering must end with Tape.result): {missing[:5]}"
+    _drop_dead_nodes(e, [v.name for v in graph.outputs])
     onnx_graph = helper.make_graph(
         e.nodes, graph.name, [_value_info(v) for v in graph.inputs], [_value_info(v) for v in graph.outputs]
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -92,3 +93,24 @@ def decode_tokens_per_s(runner, prompt: list[int], steps: int, warmup: int = 2) 
 
 def prompt_ids(n: int, vocab: int, seed: int = 0) -> list[int]:
     return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def run_with_peak_memory(
+    cmd: list[str], stdout: Path, stderr: Path, env: dict[str, str] | None = None, interval_s: float = 0.02
+) -> tuple[int, float, dict[str, int]]:
+    """Run ``cmd`` with stdout/stderr to files; return (exit code, wall seconds, memory). Memory: the child's
+    /proc/PID/status sampled every ``interval_s`` while it runs, the largest value seen of each of VmRSS, VmHWM,
+    RssAnon and RssFile, in bytes. VmHWM is the kernel's own high-water mark of the child's address space (the
+    one exec gave it), so the last sample holds the peak up to ``interval_s`` before exit. Not ru_maxrss from
+    wait4: Linux carries that across fork and exec, so a child of a big parent could report the parent's size."""
+    from engine_probe import proc_memory_bytes  # torch-free, shared with the child that times dsc engines
+
+    peak: dict[str, int] = {}
+    start = time.perf_counter()
+    with open(stdout, "wb") as out, open(stderr, "wb") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
+        while proc.poll() is None:
+            for key, value in proc_memory_bytes(proc.pid).items():
+                peak[key] = max(peak.get(key, 0), value)
+            time.sleep(interval_s)
+    return proc.returncode, time.perf_counter() - start, peak

@@ -145,12 +145,12 @@ def compile_model(model: str | Path, output: str | Path, options: CompileOptions
     output = Path(output)
     if options.quantize not in QUANTIZE:
         raise CompileError(f"--quantize must be one of {', '.join(QUANTIZE)}, not '{options.quantize}'")
-    backend = make_backend(output, options)
-    if options.quantize in ("int8", "int4") and backend.name == "tensorrt":
+    if options.quantize in ("int8", "int4") and backend_kind(output, options.backend, options.ep_size) == "tensorrt":
         raise CompileError(
             f"--quantize {options.quantize} runs in onnxruntime's CPU kernels; TensorRT plans take --quantize fp8 "
             "(or compile to .onnx)"
         )
+    backend = make_backend(output, options)
     check_writable_dir(output)
     pm = make_pass_manager(options, quantize_mode(options, backend, has_fp8=False))  # checked before any work
     prompts = None
@@ -207,7 +207,7 @@ def _report(graph: Graph, unquantized: Graph, output: Path, prompts: list[list[i
 
     errors = quant_report.weight_errors(graph)
     if not errors:
-        log.info("report: no weight was quantized by this compile (use --quantize fp8)")
+        log.info("report: no weight was quantized by this compile (use --quantize int8, int4 or fp8)")
     else:
         log.info(f"report: block quantization of {len(errors)} weights (relative Frobenius error)")
         for line in quant_report.per_layer(errors):

@@ -1,5 +1,5 @@
-"""`dsc compile --report`: how much FP8 quantization changed the weights, and (with calibration prompts) the
-logits, measured against the unquantized model."""
+"""`dsc compile --report`: how much quantization (fp8, int8, int4) changed the weights, per layer and format,
+and (with calibration prompts) the logits, measured against the unquantized model."""
 
 from __future__ import annotations
 
@@ -20,13 +20,14 @@ def weight_errors(graph: Graph) -> list[tuple[QuantizedWeight, float]]:
 
 
 def per_layer(errors: list[tuple[QuantizedWeight, float]]) -> list[str]:
-    layers: dict[tuple[int, str], list[float]] = {}
+    """One line per (layer, format); weights outside the layers (embedding, lm_head) under their own names."""
+    layers: dict[tuple[int, str, str], list[float]] = {}
     for q, err in errors:
-        layers.setdefault((-1 if q.layer is None else q.layer, q.format), []).append(err)
-    lines = [f"{'layer':>10} {'format':<32} {'weights':>8} {'mean rel err':>13} {'max rel err':>12}"]
-    for (layer, fmt), errs in sorted(layers.items()):
-        name = "other" if layer < 0 else f"layer {layer}"
-        lines.append(f"{name:>10} {fmt:<32} {len(errs):>8} {np.mean(errs):>13.4%} {np.max(errs):>12.4%}")
+        where = f"layer {q.layer}" if q.layer is not None else q.name.removesuffix(".weight").split(".")[-1]
+        layers.setdefault((-1 if q.layer is None else q.layer, where, q.format), []).append(err)
+    lines = [f"{'where':>12} {'format':<32} {'weights':>8} {'mean rel err':>13} {'max rel err':>12}"]
+    for (_, where, fmt), errs in sorted(layers.items()):
+        lines.append(f"{where:>12} {fmt:<32} {len(errs):>8} {np.mean(errs):>13.4%} {np.max(errs):>12.4%}")
     return lines
 
 

@@ -57,10 +57,11 @@ def _axis(axis: int, rank: int) -> int:
 
 # -- inference -------------------------------------------------------------------------------------
 def _infer_embedding(t: list[TensorType], a: Attrs) -> list[TensorType]:
-    ids, table = t
+    ids, table = t[:2]
     _need(ids.dtype in (DType.I64, DType.I32), "embedding ids must be integers")
     _need(table.rank == 2, "embedding table must be 2-D")
-    return [TensorType(table.dtype, ids.shape + (table.shape[1],))]
+    _check_scales([table], t[2:], "embedding", a)
+    return [TensorType(DType.F32 if table.dtype == DType.I8 else table.dtype, ids.shape + (table.shape[1],))]
 
 
 def block_scale_shape(shape: tuple, block: int = FP8_BLOCK) -> tuple:
@@ -123,23 +124,30 @@ def dequantize(w: torch.Tensor, scale: torch.Tensor | None, block: int = FP8_BLO
 def quantize_int(w: torch.Tensor, bits: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric block quantization along the last axis: int8 levels [..., K] and float32 scales [..., K/block].
 
-    8 bits: scale = amax / 127, levels -127..127. 4 bits: the largest-magnitude value m of each block maps to
-    -8 (scale = m / -8, as llama.cpp's q4_0 does), so all 16 levels -8..7 are used and a scale may be negative.
-    An all-zero block gets scale 1. A partial last block has its own scale."""
+    8 bits: scale = amax / 127, levels -127..127. 4 bits: per block the better (lower squared error) of two
+    scales: amax / 7 (levels -7..7, nothing clipped) and m / -8 with m the largest-magnitude value (all 16
+    levels -8..7, as llama.cpp's q4_0; a value of the other sign near -m clips to 7), so a scale may be
+    negative. An all-zero block gets scale 1. A partial last block has its own scale."""
     k = w.shape[-1]
     nb = -(-k // block)
     padded = torch.zeros((*w.shape[:-1], nb * block), dtype=torch.float32)
     padded[..., :k] = w.float()
     tiles = padded.unflatten(-1, (nb, block))
-    if bits == 8:
-        scale = tiles.abs().amax(-1) / 127.0
-    else:
-        top = tiles.gather(-1, tiles.abs().argmax(-1, keepdim=True)).squeeze(-1)
-        scale = top / -float(1 << (bits - 1))
-    scale = torch.where(scale != 0, scale, torch.ones_like(scale))
     lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-    q = torch.round(tiles / scale[..., None]).clamp(lo, hi).to(torch.int8).flatten(-2)[..., :k]
-    return q.contiguous(), scale.contiguous()
+
+    def levels(scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = torch.where(scale != 0, scale, torch.ones_like(scale))
+        return torch.round(tiles / scale[..., None]).clamp(lo, hi), scale
+
+    q, scale = levels(tiles.abs().amax(-1) / hi)
+    if bits < 8:
+        top = tiles.gather(-1, tiles.abs().argmax(-1, keepdim=True)).squeeze(-1)
+        q2, scale2 = levels(top / lo)
+        err = ((q * scale[..., None] - tiles) ** 2).sum(-1)
+        err2 = ((q2 * scale2[..., None] - tiles) ** 2).sum(-1)
+        better = err2 < err
+        q, scale = torch.where(better[..., None], q2, q), torch.where(better, scale2, scale)
+    return q.to(torch.int8).flatten(-2)[..., :k].contiguous(), scale.contiguous()
 
 
 def dequantize_int(q: torch.Tensor, scale: torch.Tensor, block: int) -> torch.Tensor:
@@ -363,7 +371,9 @@ def _expand(x: torch.Tensor, a: Attrs) -> torch.Tensor:
 
 
 SCHEMAS: dict[Op, OpSchema] = {
-    Op.EMBEDDING: OpSchema((2, 2), _infer_embedding, lambda i, a: [F.embedding(i[0], i[1])]),
+    Op.EMBEDDING: OpSchema(
+        (2, 3), _infer_embedding, lambda i, a: [F.embedding(i[0], weight_of(i[1], i[2] if len(i) > 2 else None, a))]
+    ),
     Op.LINEAR: OpSchema(
         (2, 3),
         _infer_linear,

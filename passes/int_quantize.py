@@ -4,11 +4,13 @@ Every ``linear`` weight (attention projections, dense and shared-expert MLPs, lm
 ``moe_experts`` stack becomes int levels plus float32 scales, one per ``block`` consecutive inputs of a row
 (``ir.ops.quantize_int``: symmetric, no zero points). The ONNX backend runs them with com.microsoft
 MatMulNBits and QMoE at accuracy level 4 (int8 activations), which is where the speed comes from on CPU:
-DESIGN.md §8 and benchmarks/bench_llamacpp.py have the measurements.
+benchmarks/bench_llamacpp.py measures it against llama.cpp.
 
-What stays float32, and why: the embedding table (a gather reads one row per token, no GEMM to speed up),
-the router gate and its bias (DeepSeek's routing must choose exactly the experts the model chooses), norms,
-and the small absorbed per-head MLA matrices (``head_linear``, a batched GEMM with no low-bit kernel).
+The embedding table is quantized too, at ``embedding_bits`` (8 by default, whatever ``bits`` is: a gather reads
+one row per token, so fewer bits would only save memory, while each row's error goes straight into the
+residual stream); it runs in com.microsoft GatherBlockQuantized. What stays float32, and why: the router gate
+and its bias (DeepSeek's routing must choose exactly the experts the model chooses), norms, and the small
+absorbed per-head MLA matrices (``head_linear``, a batched GEMM with no low-bit kernel).
 
 FP8 weights (a native DeepSeek checkpoint, or fp8-quantize earlier in the pipeline) are dequantized with
 their 128x128 scales and re-quantized: the engine then holds int8 where onnxruntime would otherwise fold FP8
@@ -31,10 +33,10 @@ from dsc.ir.ops import dequantize, dequantize_int, int_scale_shape, quantize_int
 from dsc.ir.types import DType, TensorType
 from dsc.passes.base import PassResult, QuantizedWeight
 
-KEEP_FLOAT = ("model.embed_tokens.weight",)
+KEEP_FLOAT: tuple[str, ...] = ()
 # Measured on onnxruntime 1.32, 2 cores AVX2 (see the module docstring): larger blocks run faster, smaller ones
 # are more accurate; these defaults meet the quality bars of tests/test_trained_model.py.
-DEFAULT_BLOCK = {8: 128, 4: 32}
+DEFAULT_BLOCK = {8: 128, 4: 128}
 
 
 class IntHalves:
@@ -107,16 +109,20 @@ class IntQuantizePass:
     requires: ClassVar[tuple[str, ...]] = ()
     bits: int = 8
     block: int = 0  # 0 = DEFAULT_BLOCK[bits]
+    expert_block: int = 0  # routed experts' block; 0 = ``block``
     experts: bool = True  # quantize fused routed experts (QMoE)
     linears: bool = True  # quantize linear layers (MatMulNBits)
+    embedding_bits: int = 8  # the embedding table (GatherBlockQuantized); 0 keeps it float32
     keep: tuple[str, ...] = KEEP_FLOAT
 
     def __post_init__(self) -> None:
         if self.bits not in DEFAULT_BLOCK:
             raise CompileError(f"int-quantize: bits must be 8 or 4, not {self.bits}")
-        block = self.block or DEFAULT_BLOCK[self.bits]
-        if block < 16 or block & (block - 1):
-            raise CompileError(f"int-quantize: block must be a power of two >= 16, not {block}")
+        if self.embedding_bits not in (0, 4, 8):
+            raise CompileError(f"int-quantize: embedding-bits must be 8, 4 or 0, not {self.embedding_bits}")
+        for block in (self.block or DEFAULT_BLOCK[self.bits], self.expert_block or 16):
+            if block < 16 or block & (block - 1):
+                raise CompileError(f"int-quantize: block sizes must be powers of two >= 16, not {block}")
 
     @property
     def block_size(self) -> int:
@@ -126,12 +132,21 @@ class IntQuantizePass:
         g = graph.clone()
         records: list[QuantizedWeight] = list(g.meta.get("quantized_weights", ()))
         done: dict[str, tuple[Value, Value, int]] = {}
-        stats: dict = {"linear": 0, "experts": 0, "from_fp8": 0, "kept_float": [], "experts_kept_float": {}}
+        stats: dict = {
+            "linear": 0,
+            "experts": 0,
+            "embedding": 0,
+            "from_fp8": 0,
+            "kept_float": [],
+            "experts_kept_float": {},
+        }
         for i, node in enumerate(g.nodes):
             if node.op == Op.LINEAR and self.linears:
                 new = self._linear(g, node, done, records, stats)
             elif node.op == Op.MOE_EXPERTS and self.experts:
                 new = self._experts(g, node, records, stats)
+            elif node.op == Op.EMBEDDING and self.embedding_bits:
+                new = self._embedding(g, node, done, records, stats)
             else:
                 continue
             if new is not None:
@@ -140,12 +155,14 @@ class IntQuantizePass:
         g.meta["quantized_weights"] = tuple(records)
         g.meta["int_quantization"] = {"bits": self.bits, "block": self.block_size}
         stats["kept_float"] = sorted(set(stats["kept_float"]))
-        return PassResult(g, stats["linear"] + stats["experts"] > 0, stats)
+        return PassResult(g, stats["linear"] + stats["experts"] + stats["embedding"] > 0, stats)
 
-    def _quantized(self, g: Graph, name: str, type_: Value, source: WeightSource, block: int) -> tuple[Value, Value]:
-        halves = IntHalves(source, self.bits, block)
+    def _quantized(
+        self, g: Graph, name: str, type_: Value, source: WeightSource, block: int, bits: int
+    ) -> tuple[Value, Value]:
+        halves = IntHalves(source, bits, block)
         q = Value(name, type_.type.with_dtype(DType.I8))
-        s = Value(f"{name}.int{self.bits}_scale", _scale_type(type_, block))
+        s = Value(f"{name}.int{bits}_scale", _scale_type(type_, block))
         g.weights[q.name] = Weight(q, IntPart(halves, 0))
         g.weights[s.name] = Weight(s, IntPart(halves, 1))
         return q, s
@@ -156,25 +173,51 @@ class IntQuantizePass:
         if w.name in self.keep or w.name not in g.weights or w.type.dtype not in (DType.F32, DType.F8E4M3):
             stats["kept_float"].append(w.name)
             return None
+        if w.name in done and done[w.name][2] != (self.bits, self.block_size):
+            return None  # a tied table already quantized for the embedding in another format: keep it float
         if w.name not in done:
             src = _float_source(g, w, scale)
-            q, s = self._quantized(g, w.name, w, src, self.block_size)
+            q, s = self._quantized(g, w.name, w, src, self.block_size, self.bits)
             halves = g.weights[q.name].source.halves
             fmt = describe_format(self.bits, self.block_size) + (" (from fp8)" if scale is not None else "")
             records.append(QuantizedWeight(w.name, g.layer_of(node), fmt, src, halves.restore))
-            done[w.name] = (q, s)
+            done[w.name] = (q, s, (self.bits, self.block_size))
             stats["linear"] += 1
             stats["from_fp8"] += scale is not None
-        q, s = done[w.name]
+        q, s, _ = done[w.name]
         attrs = {**node.attrs, "bits": self.bits, "block": self.block_size}
         meta = {**node.meta, "from_pass": self.name}
         return Node(Op.LINEAR, node.name, (node.inputs[0], q, s), node.outputs, attrs, meta)
+
+    def _embedding(self, g: Graph, node: Node, done: dict, records: list, stats: dict) -> Node | None:
+        table = node.inputs[1]
+        bits, hidden = self.embedding_bits, table.type.shape[1]
+        block = self.block_size
+        while block >= 16 and hidden % block:
+            block //= 2
+        fmt = (bits, block)
+        if table.name in self.keep or table.type.dtype != DType.F32 or block < 16:
+            stats["kept_float"].append(table.name)
+            return None
+        if table.name in done and done[table.name][2] != fmt:
+            return None  # tied with an lm_head quantized in another format: keep the table float
+        if table.name not in done:
+            src = g.weights[table.name].source
+            q, s = self._quantized(g, table.name, table, src, block, bits)
+            halves = g.weights[q.name].source.halves
+            records.append(QuantizedWeight(table.name, None, describe_format(bits, block), src, halves.restore))
+            done[table.name] = (q, s, fmt)
+            stats["embedding"] += 1
+        q, s, _ = done[table.name]
+        attrs = {**node.attrs, "bits": bits, "block": block}
+        meta = {**node.meta, "from_pass": self.name}
+        return Node(Op.EMBEDDING, node.name, (node.inputs[0], q, s), node.outputs, attrs, meta)
 
     def _experts(self, g: Graph, node: Node, records: list, stats: dict) -> Node | None:
         x, rw, idx, *weights = node.inputs
         mats, scales = weights[:3], (weights[3:] or [None, None, None])
         inter, hidden = mats[0].type.shape[1], mats[0].type.shape[2]
-        block = self.block_size
+        block = self.expert_block or self.block_size
         while block >= 16 and (hidden % block or inter % block):
             block //= 2
         if block < 16:

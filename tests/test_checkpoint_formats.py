@@ -77,7 +77,7 @@ def test_native_fp8_checkpoint_matches_dequantized_transformers(tmp_path):
     assert ckpt.info("model.layers.1.mlp.experts.0.gate_proj.weight").dtype == torch.float8_e4m3fn
     assert ckpt.info("model.layers.1.mlp.experts.0.gate_proj.weight_scale_inv").shape == (1, 1)
     assert ckpt.info("model.layers.1.mlp.gate.weight").dtype == torch.float32
-    summary = compile_quiet(fp8, tmp_path / "fp8.onnx")
+    summary = compile_quiet(fp8, tmp_path / "fp8.onnx", quantize="fp8")  # FP8 as stored (default: int8)
     reference = load_hf_model(dequantized_copy(fp8, tmp_path / "deq"))
     with torch.no_grad():
         ref = reference(torch.tensor(PROMPT)).logits.numpy()

@@ -191,12 +191,14 @@ def test_prompt_text_through_the_checkpoints_tokenizer(tiny, tmp_path, capsys):
 
 def test_quantize_flags_and_report(tmp_path, capsys):
     fp8 = make_model("tiny", tmp_path / "fp8", seed=2, fp8=True)
-    code, _, _ = run_cli(capsys, "compile", str(fp8), "-o", str(tmp_path / "native.onnx"), "-q")
+    code, _, err = run_cli(capsys, "compile", str(fp8), "-o", str(tmp_path / "native.onnx"), "--report")
     assert code == 0
+    # native FP8 runs as int8 on onnxruntime by default, and --report gives the error that conversion adds
+    assert "int8 block" in err and "(from fp8)" in err and "native FP8 weights: running them as int8" in err
     code, _, _ = run_cli(capsys, "compile", str(fp8), "-o", str(tmp_path / "deq.onnx"), "-q", "--quantize", "none")
     assert code == 0
     native, deq = (tmp_path / "native.onnx").stat().st_size, (tmp_path / "deq.onnx").stat().st_size
-    assert native < 0.6 * deq  # FP8 stays FP8 by default; --quantize none stores float32
+    assert native < 0.6 * deq  # int8 by default; --quantize none stores float32
     plain = make_model("tiny", tmp_path / "plain", seed=2)
     (tmp_path / "prompts.txt").write_text("1,2,3,4,5\n6,7,8\n")
     code, _, err = run_cli(

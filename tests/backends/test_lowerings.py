@@ -113,6 +113,19 @@ def _(g: OneNode) -> Graph:
     )
 
 
+for _bits in (8, 4):  # GatherBlockQuantized dequantizes exactly: float32 tolerance
+    case(Op.EMBEDDING, f"embedding-int{_bits}")(
+        lambda g, bits=_bits: g.node(
+            Op.EMBEDDING,
+            [
+                g.input("ids", torch.randint(0, 10, (2, 3), generator=g.gen)),
+                *g.int_weight("t", g.randn(10, 64), bits, 32),
+            ],
+            {"bits": bits, "block": 32},
+        )
+    )
+
+
 @case(Op.LINEAR)
 def _(g: OneNode) -> Graph:
     return g.node(Op.LINEAR, [g.input("x", g.randn(2, 3, 16)), g.weight("w", g.randn(8, 16))])

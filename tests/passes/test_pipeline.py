@@ -5,7 +5,7 @@ from dsc.errors import CompileError, DscError
 from dsc.ir import Graph, Node, VerifyError
 from dsc.passes.base import PassResult
 from dsc.passes.manager import PassManager
-from dsc.passes.pipeline import DEFAULT_PIPELINE, build_pipeline, format_spec
+from dsc.passes.pipeline import DEFAULT_PIPELINE, REGISTRY, build_pipeline, format_spec
 from graphs import hand_built_mla
 
 
@@ -13,7 +13,7 @@ def test_default_pipeline_and_disable():
     assert [p.name for p in build_pipeline()] == list(DEFAULT_PIPELINE)
     assert "mla-absorb" not in [p.name for p in build_pipeline(disable=["mla-absorb"])]
     assert [p.name for p in build_pipeline(["cleanup"])] == ["cleanup"]
-    known = "cleanup, expert-fusion, expert-placement, fp8-quantize, int-quantize, mla-absorb"
+    known = ", ".join(sorted(REGISTRY))
     with pytest.raises(CompileError, match=f"unknown pass 'nope'; known passes: {known}"):
         build_pipeline(["nope"])
     with pytest.raises(CompileError, match="--disable-pass: unknown pass"):
@@ -77,7 +77,17 @@ def test_requires_is_enforced():
 
 
 def test_quantize_inserts_fp8_before_expert_fusion():
-    assert [p.name for p in build_pipeline(quantize=True)] == ["mla-absorb", "fp8-quantize", "expert-fusion", "cleanup"]
+    assert [p.name for p in build_pipeline(quantize="fp8")] == [
+        "mla-absorb",
+        "fp8-quantize",
+        "expert-fusion",
+        "cleanup",
+    ]
+    int4 = build_pipeline(quantize="int4")
+    assert [p.name for p in int4] == ["mla-absorb", "expert-fusion", "int-quantize", "cleanup"]
+    assert int4[2].bits == 4 and int4[2].block_size == 128
+    with pytest.raises(CompileError, match="'expert-fusion' must run before 'int-quantize'"):
+        build_pipeline("mla-absorb,int-quantize,expert-fusion")
 
 
 def test_spec_sets_options_by_field_type():
