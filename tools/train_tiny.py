@@ -1,6 +1,6 @@
 """Train a tiny DeepSeek-V3 checkpoint on the Python standard library's source, so accuracy tests mean something.
 
-    python tools/train_tiny.py --out tests/data/tiny_trained --steps 600 --seed 0 \
+    python tools/train_tiny.py --out tests/data/tiny_trained --steps 5000 --seed 0 \
         --heldout-text tests/data/heldout.txt
 
 The model is transformers' DeepseekV3ForCausalLM with every V3 feature on (q_lora_rank, MLA, YaRN rope, sigmoid
@@ -165,18 +165,23 @@ class LoadBalancer:
 
 
 @torch.no_grad()
-def evaluate(model, windows: torch.Tensor, batch: int) -> float:
+def evaluate(model, windows: torch.Tensor, batch: int) -> tuple[float, float]:
+    """(mean next-byte loss in nats, top-1 next-byte accuracy) over the windows."""
     model.eval()
-    total = sum(
-        float(lm_loss(model, windows[i : i + batch])) * len(windows[i : i + batch])
-        for i in range(0, len(windows), batch)
-    )
+    loss = hits = 0.0
+    for i in range(0, len(windows), batch):
+        ids = windows[i : i + batch]
+        logits = model(ids[:, :-1]).logits
+        loss += float(F.cross_entropy(logits.reshape(-1, VOCAB), ids[:, 1:].reshape(-1), reduction="sum"))
+        hits += float((logits.argmax(-1) == ids[:, 1:]).sum())
     model.train()
-    return total / len(windows)
+    positions = windows[:, 1:].numel()
+    return loss / positions, hits / positions
 
 
 def heldout_excerpt(files: list[Path], target_bytes: int) -> str:
-    """Whole lines from the start of consecutive held-out files (ASCII-clean ones), about target_bytes long."""
+    """Whole lines from the start of consecutive held-out files (ASCII-clean ones, the first 80 lines of each), at
+    most target_bytes long. Deterministic given the Python version; a longer target extends a shorter one's text."""
     lines: list[str] = []
     size = 0
     for f in files[1:]:  # files[0] is __future__.py's licence-heavy header; any held-out file would do
@@ -194,6 +199,15 @@ def heldout_excerpt(files: list[Path], target_bytes: int) -> str:
 
 def write_readme(out: Path, argv: list[str], report: dict) -> None:
     r = report
+    curve = ", ".join(f"{step} {loss:.3f}" for step, loss in r["curve"])
+    heldout = (
+        f"""- `{r["heldout_text"]}` ({r["heldout_text_bytes"]:,} bytes, written by the same command): the first 80 lines
+  of each ASCII-only held-out file (sorted index % 10 == 0, skipping the first, `__future__.py`), whole lines, in
+  order, until {r["heldout_text_target"]:,} bytes; none of it was trained on.
+"""
+        if r["heldout_text"]
+        else ""
+    )
     (out / "README.md").write_text(
         f"""# tiny_trained — a trained tiny DeepSeek-V3 checkpoint for accuracy tests
 
@@ -214,8 +228,13 @@ Written by `tools/train_tiny.py`; rerun with
 - router bias: `e_score_correction_bias` updated with DeepSeek-V3's auxiliary-loss-free rule after every step
   (bias += {r["bias_rate"]} * sign(mean load - load)); max/mean expert load in the last step {r["imbalance"]:.2f}.
 - final loss (nats/byte): train {r["train_loss"]:.3f}, held-out {r["heldout_loss"]:.3f} (held-out perplexity
-  {math.exp(r["heldout_loss"]):.2f}; uniform would be 256), measured on {r["eval_windows"]} fixed windows each.
-"""
+  {math.exp(r["heldout_loss"]):.2f}; uniform would be 256); top-1 next-byte accuracy train {r["train_acc"]:.1%},
+  held-out {r["heldout_acc"]:.1%}; measured on {r["eval_windows"]} fixed random windows of {r["context"]} bytes each
+  ({r["eval_windows"] * r["context"]:,} positions).
+- held-out loss during training (every {r["eval_every"]} steps): {curve}.
+  Over the last 20% of steps (from step {r["plateau_step"]}) it went {r["plateau_from"]:.4f} -> {r["heldout_loss"]:.4f}
+  ({r["plateau_gain"]:.1%} better).
+{heldout}"""
     )
 
 
@@ -229,9 +248,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--bias-rate", type=float, default=1e-3, help="aux-loss-free bias step (0 leaves it zero)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--eval-every", type=int, default=100)
-    p.add_argument("--eval-windows", type=int, default=64)
-    p.add_argument("--heldout-text", type=Path, help="also write ~12 KB of held-out text here (for tests)")
+    p.add_argument("--eval-every", type=int, default=500)
+    p.add_argument("--eval-windows", type=int, default=256)
+    p.add_argument("--heldout-text", type=Path, help="also write held-out text here (for tests)")
+    p.add_argument("--heldout-bytes", type=int, default=66 * 1024, help="size of --heldout-text")
     a = p.parse_args(argv)
 
     from transformers import DeepseekV3ForCausalLM
@@ -262,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     imbalance = 0.0
+    curve: list[tuple[int, float]] = []  # (step, held-out loss)
+    plateau_step = a.steps - a.steps // 5  # the plateau check compares the last 20% of steps
     for step in range(1, a.steps + 1):
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
@@ -271,16 +293,26 @@ def main(argv: list[str] | None = None) -> int:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         imbalance = balancer.update()
-        if step % a.eval_every == 0 or step == a.steps:
+        if step % a.eval_every == 0 or step in (plateau_step, a.steps):
+            held_loss, held_acc = evaluate(model, held_eval, a.batch)
+            curve.append((step, held_loss))
             print(
-                f"step {step:5d}  loss {loss.item():.3f}  held-out {evaluate(model, held_eval, a.batch):.3f}  "
+                f"step {step:5d}  loss {loss.item():.3f}  held-out {held_loss:.3f} (top-1 {held_acc:.3f})  "
                 f"max/mean load {imbalance:.2f}  {time.perf_counter() - start:.0f}s",
                 flush=True,
             )
     train_s = time.perf_counter() - start
-    train_loss, held_loss = evaluate(model, train_eval, a.batch), evaluate(model, held_eval, a.batch)
-    print(f"final: train loss {train_loss:.4f}, held-out loss {held_loss:.4f} (perplexity {math.exp(held_loss):.2f})")
+    (train_loss, train_acc), (held_loss, held_acc) = evaluate(model, train_eval, a.batch), (held_loss, held_acc)
+    plateau_from = dict(curve)[plateau_step]
+    print(
+        f"final: train loss {train_loss:.4f} (top-1 {train_acc:.4f}), held-out loss {held_loss:.4f} "
+        f"(top-1 {held_acc:.4f}, perplexity {math.exp(held_loss):.2f}); held-out loss at step {plateau_step} "
+        f"{plateau_from:.4f}, {1 - held_loss / plateau_from:.2%} better since"
+    )
 
+    excerpt = heldout_excerpt(held_files, a.heldout_bytes) if a.heldout_text else ""
+    if a.heldout_text:
+        a.heldout_text.write_text(excerpt)
     a.out.mkdir(parents=True, exist_ok=True)
     model.config._attn_implementation = "eager"  # keep config.json free of the training-only sdpa choice
     model.save_pretrained(a.out, safe_serialization=True)
@@ -306,11 +338,19 @@ def main(argv: list[str] | None = None) -> int:
             imbalance=imbalance,
             train_loss=train_loss,
             heldout_loss=held_loss,
+            train_acc=train_acc,
+            heldout_acc=held_acc,
             eval_windows=a.eval_windows,
+            eval_every=a.eval_every,
+            curve=curve,
+            plateau_step=plateau_step,
+            plateau_from=plateau_from,
+            plateau_gain=1 - held_loss / plateau_from,
+            heldout_text=a.heldout_text.as_posix() if a.heldout_text else None,
+            heldout_text_bytes=len(excerpt.encode()),
+            heldout_text_target=a.heldout_bytes,
         ),
     )
-    if a.heldout_text:
-        a.heldout_text.write_text(heldout_excerpt(held_files, 12 * 1024))
     sizes = {f.name: f.stat().st_size for f in sorted(a.out.iterdir())}
     print(json.dumps(sizes), f"total {sum(sizes.values()):,} bytes")
     return 0
