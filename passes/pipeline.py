@@ -29,9 +29,10 @@ REGISTRY: dict[str, str] = {
     "expert-fusion": "dsc.passes.expert_fusion:ExpertFusionPass",
     "fp8-quantize": "dsc.passes.fp8_quantize:Fp8QuantizePass",
     "expert-placement": "dsc.passes.expert_placement:ExpertPlacementPass",
+    "linear-fusion": "dsc.passes.linear_fusion:LinearFusionPass",
 }
 
-DEFAULT_PIPELINE: tuple[str, ...] = ("mla-absorb", "expert-fusion", "cleanup")
+DEFAULT_PIPELINE: tuple[str, ...] = ("mla-absorb", "expert-fusion", "linear-fusion", "cleanup")
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,12 @@ ORDER: tuple[Order, ...] = (
     Order("fp8-quantize", "expert-fusion", "fp8-quantize rewrites linear nodes; fused experts are no longer linear"),
     Order("mla-absorb", "cleanup", "mla-absorb matches attention blocks as traced; cleanup folds their reshapes"),
     Order("expert-fusion", "cleanup", "cleanup removes what expert-fusion leaves dead"),
+    Order(
+        "mla-absorb",
+        "linear-fusion",
+        "without q_lora_rank, q_proj and kv_a_proj read the same input; fused first, mla-absorb's fold-q would no "
+        "longer find the query projection",
+    ),
 )
 
 
