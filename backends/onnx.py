@@ -228,6 +228,10 @@ def _rope(t: Tape, n: Node, ins: list[str]) -> None:
 
 def _attention(t: Tape, n: Node, ins: list[str]) -> None:
     q, k, v = ins
+    heads, kv_heads = n.inputs[0].type.shape[2], n.inputs[1].type.shape[2]
+    if kv_heads == 1 and isinstance(heads, int):
+        _attention_one_kv_head(t, n, ins, heads)
+        return
     qh = t.op("Transpose", [q], perm=[0, 2, 1, 3])  # [b, h, s, d]
     kt = t.op("Transpose", [k], perm=[0, 2, 3, 1])  # [b, h, d, T]
     vh = t.op("Transpose", [v], perm=[0, 2, 1, 3])  # [b, h, T, dv]
@@ -247,6 +251,33 @@ def _attention(t: Tape, n: Node, ins: list[str]) -> None:
     hidden = t.shared(("mask", n.inputs[0].type.shape[1], n.inputs[1].type.shape[1]), causal_mask)
     probs = t.op("Softmax", [t.op("Where", [hidden, t.f32(-np.inf), scores])], axis=-1)
     t.result("Transpose", [t.op("MatMul", [probs, vh])], perm=[0, 2, 1, 3])
+
+
+def _attention_one_kv_head(t: Tape, n: Node, ins: list[str], heads: int) -> None:
+    """Multi-query attention (one key/value head: MLA's absorbed latent) without transposes: the query heads of
+    every new token are rows of one [b, s*H, d] matrix against keys [b, T, d], so the cache is read in place
+    (the per-head layout would copy it into [b, 1, d, T] every step)."""
+    q, k, v = ins
+    dk, dv = n.inputs[0].type.shape[3], n.inputs[2].type.shape[3]
+    rows = t.op("Reshape", [q, t.i64([0, -1, dk])])  # [b, s*H, dk]
+    keys = t.op("Reshape", [k, t.i64([0, -1, dk])])  # [b, T, dk]
+    values = keys if v == k else t.op("Reshape", [v, t.i64([0, -1, dv])])
+    kt = t.op("Transpose", [keys], perm=[0, 2, 1])  # onnxruntime folds this into the MatMul (FusedMatMul transB)
+    scores = t.op("Mul", [t.op("MatMul", [rows, kt]), t.f32(n.attrs["scale"])])
+
+    def causal_mask() -> str:
+        """Row r = i*H + h is query i: key j is hidden when j > (T - s) + i."""
+        s_len = t.op("Gather", [t.op("Shape", [q]), t.i64(1)], axis=0)
+        t_len = t.op("Gather", [t.op("Shape", [k]), t.i64(1)], axis=0)
+        zero, one = t.i64(0), t.i64(1)
+        query = t.op("Div", [t.op("Range", [zero, t.op("Mul", [s_len, t.i64(heads)]), one]), t.i64(heads)])
+        limit = t.op("Add", [query, t.op("Sub", [t_len, s_len])])
+        cols = t.op("Range", [zero, t_len, one])
+        return t.op("Greater", [cols, t.op("Unsqueeze", [limit, t.i64([1])])])
+
+    hidden = t.shared(("mask_rows", heads, n.inputs[0].type.shape[1], n.inputs[1].type.shape[1]), causal_mask)
+    probs = t.op("Softmax", [t.op("Where", [hidden, t.f32(-np.inf), scores])], axis=-1)
+    t.result("Reshape", [t.op("MatMul", [probs, values]), t.i64([0, -1, heads, dv])])
 
 
 def _keep_top_groups(t: Tape, n: Node, choice: str) -> str:
