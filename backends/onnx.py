@@ -204,26 +204,32 @@ def _rotation(half: int, interleaved: bool) -> np.ndarray:
 
 
 def _rope(t: Tape, n: Node, ins: list[str]) -> None:
-    """x * cos + (x @ R) * sin, with cos/sin over the full head dim computed once per graph and shared by every
-    rope of the same positions and frequencies (four kernels per rope instead of about twenty)."""
+    """One MatMul per rope: x @ M with M[b, s] = diag(cos) + R diag(sin) ([b, s, d, d], two non-zeros per column,
+    so each output is the same two products as x * cos + (x @ R) * sin). M is built once per graph and shared by
+    every rope of the same positions and frequencies: one kernel per rope instead of four."""
     x, pos = ins
     a, rank = n.attrs, n.inputs[0].type.rank
 
-    def tables() -> tuple[str, str]:
+    def rotation() -> str:
         inv = np.repeat(a["inv_freq"], 2) if a["interleaved"] else np.tile(a["inv_freq"], 2)
         posf = t.op("Unsqueeze", [t.op("Cast", [pos], to=TensorProto.FLOAT), t.i64([-1])])
         freqs = t.op("Mul", [posf, t.f32(inv, "inv_freq")])  # [b, s, d]
-        if rank == 4:
-            freqs = t.op("Unsqueeze", [freqs, t.i64([2])])  # [b, s, 1, d]
         cos, sin = t.op("Cos", [freqs]), t.op("Sin", [freqs])
         if a["scaling"] != 1.0:
             cos = t.op("Mul", [cos, t.f32(a["scaling"])])
             sin = t.op("Mul", [sin, t.f32(a["scaling"])])
-        return cos, sin
+        d = len(inv)
+        diag = t.op("Mul", [t.op("Unsqueeze", [cos, t.i64([-2])]), t.f32(np.eye(d), "rope_identity")])
+        turn = t.op(
+            "Mul", [t.op("Unsqueeze", [sin, t.i64([-2])]), t.f32(_rotation(d // 2, a["interleaved"]), "rope_rotation")]
+        )
+        return t.op("Add", [diag, turn])  # [b, s, d, d]
 
-    cos, sin = t.shared(("rope", pos, a["inv_freq"], a["scaling"], a["interleaved"], rank), tables)
-    rotated = t.op("MatMul", [x, t.f32(_rotation(len(a["inv_freq"]), a["interleaved"]), "rope_rotation")])
-    t.result("Add", [t.op("Mul", [x, cos]), t.op("Mul", [rotated, sin])])
+    m = t.shared(("rope", pos, a["inv_freq"], a["scaling"], a["interleaved"]), rotation)
+    if rank == 4:  # [b, s, H, d] @ [b, s, d, d]
+        t.result("MatMul", [x, m])
+    else:  # [b, s, d] -> [b, s, 1, d] @ [b, s, d, d] -> [b, s, d]
+        t.result("Squeeze", [t.op("MatMul", [t.op("Unsqueeze", [x, t.i64([-2])]), m]), t.i64([-2])])
 
 
 def _attention(t: Tape, n: Node, ins: list[str]) -> None:
