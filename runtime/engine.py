@@ -27,11 +27,17 @@ class Engine(Protocol):
         ...
 
 
-def ort_session(path: Path, threads: int | None = None, providers: list[str] | None = None):
-    """An onnxruntime session for one dsc ONNX file (whole engines and expert-parallel pieces alike)."""
+def ort_session(
+    path: Path, threads: int | None = None, providers: list[str] | None = None, *, profile_prefix: str | None = None
+):
+    """An onnxruntime session for one dsc ONNX file (whole engines and expert-parallel pieces alike);
+    ``profile_prefix`` turns on onnxruntime's profiler (benchmarks/bench_decode.py --profile)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
+    if profile_prefix is not None:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile_prefix
     opts.intra_op_num_threads = threads or min(os.cpu_count() or 1, 16)
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # onnxruntime keeps DequantizeLinear nodes out of constant folding (for its int8 QDQ fusions), which
