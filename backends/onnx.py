@@ -361,16 +361,19 @@ def _moe_contrib(t: Tape, n: Node, ins: list[str]) -> None:
     Its router applies softmax and top-k to the probabilities it is given. Feeding it log(w) scattered over
     the chosen experts (log 0 = -inf elsewhere) makes softmax return w / sum(w) at exactly DeepSeek's
     choices, and multiplying the output by sum(w) restores the weights: routing stays exact (DESIGN.md §8).
+    The kernel takes [b, s, H] tokens as they are (only the router rows must be 2-D).
     """
-    x2, w2, idx2, shape = _flat_routing(t, n, ins)
-    logits = t.op("Log", [_scatter_dense(t, t.op("Shape", [w2], end=1), idx2, w2, n.attrs["num_experts"])])
+    x, w, idx = ins[:3]
+    lead = t.op("Shape", [w], end=-1)
+    dense = _scatter_dense(t, lead, idx, w, n.attrs["num_experts"])
+    logits = t.op("Log", [t.op("Reshape", [dense, t.i64([-1, n.attrs["num_experts"]])])])  # rows must be 2-D
     fc1, fc2 = t.owned("glu_interleaved"), t.owned("down")
     if len(n.inputs) > 6:  # FP8 experts: per-row block scales along the input axis
         fc1 = _dequantize(t, fc1, t.owned("glu_interleaved_scale"), axis=2)
         fc2 = _dequantize(t, fc2, t.owned("down_scale"), axis=2)
     y = t.op(
         "MoE",
-        [x2, logits, fc1, "", fc2],
+        [x, logits, fc1, "", fc2],
         domain="com.microsoft",
         k=n.inputs[1].type.shape[-1],
         activation_type="swiglu",
@@ -380,8 +383,7 @@ def _moe_contrib(t: Tape, n: Node, ins: list[str]) -> None:
         swiglu_limit=1e30,
         normalize_routing_weights=0,
     )
-    y = t.op("Mul", [y, t.op("ReduceSum", [w2, t.i64([-1])], keepdims=1)])
-    t.result("Reshape", [y, shape])
+    t.result("Mul", [y, t.op("ReduceSum", [w, t.i64([-1])], keepdims=1)])
 
 
 def _moe_gather(t: Tape, n: Node, ins: list[str]) -> None:
