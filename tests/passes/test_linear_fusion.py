@@ -155,3 +155,21 @@ def test_default_pipeline_runs_it_after_mla_absorb_and_it_can_be_disabled():
     assert "linear-fusion" not in [p.name for p in build_pipeline(disable=["linear-fusion"])]
     with pytest.raises(CompileError, match="'mla-absorb' must run before 'linear-fusion'"):
         build_pipeline("linear-fusion,mla-absorb")
+
+
+@pytest.mark.parametrize("q_lora", [True, False])
+def test_after_mla_absorb_with_folds(q_lora):
+    # fold-q rewrites the query projection before fusion sees it (without q_lora the folded q_proj then fuses
+    # with kv_a_proj); fold-o rewrites o_proj, which reads nothing another linear reads.
+    g = MlaAbsorbPass(fold_q=True, fold_o=True).run(traced_tiny(q_lora, yarn=False)).graph
+    assert g.meta.get("kv_cache_form") == "latent"
+    result = LinearFusionPass().run(g)
+    verify(result.graph)
+    assert result.stats["fused"] == 4
+    caches = [v for v in g.inputs if v.name.startswith("past_")]
+    feeds = {
+        "input_ids": torch.randint(0, 256, (1, 4), generator=torch.Generator().manual_seed(4)),
+        "position_ids": torch.arange(2, 6)[None],
+        **{v.name: torch.randn(1, 2, v.type.shape[-1], generator=torch.Generator().manual_seed(5)) for v in caches},
+    }
+    assert _rel(interpret(result.graph, feeds)["logits"], interpret(g, feeds)["logits"]) < RTOL
