@@ -234,30 +234,40 @@ def _rotation(half: int, interleaved: bool) -> np.ndarray:
 
 
 def _rope(t: Tape, n: Node, ins: list[str]) -> None:
-    """x * cos + (x @ R) * sin, with cos/sin over the full head dim computed once per graph and shared by every
-    rope of the same positions and frequencies (four kernels per rope instead of about twenty)."""
+    """One MatMul per rope: x @ M with M[b, s] = diag(cos) + R diag(sin) ([b, s, d, d], two non-zeros per column,
+    so each output is the same two products as x * cos + (x @ R) * sin). M is built once per graph and shared by
+    every rope of the same positions and frequencies: one kernel per rope instead of four."""
     x, pos = ins
     a, rank = n.attrs, n.inputs[0].type.rank
 
-    def tables() -> tuple[str, str]:
+    def rotation() -> str:
         inv = np.repeat(a["inv_freq"], 2) if a["interleaved"] else np.tile(a["inv_freq"], 2)
         posf = t.op("Unsqueeze", [t.op("Cast", [pos], to=TensorProto.FLOAT), t.i64([-1])])
         freqs = t.op("Mul", [posf, t.f32(inv, "inv_freq")])  # [b, s, d]
-        if rank == 4:
-            freqs = t.op("Unsqueeze", [freqs, t.i64([2])])  # [b, s, 1, d]
         cos, sin = t.op("Cos", [freqs]), t.op("Sin", [freqs])
         if a["scaling"] != 1.0:
             cos = t.op("Mul", [cos, t.f32(a["scaling"])])
             sin = t.op("Mul", [sin, t.f32(a["scaling"])])
-        return cos, sin
+        d = len(inv)
+        diag = t.op("Mul", [t.op("Unsqueeze", [cos, t.i64([-2])]), t.f32(np.eye(d), "rope_identity")])
+        turn = t.op(
+            "Mul", [t.op("Unsqueeze", [sin, t.i64([-2])]), t.f32(_rotation(d // 2, a["interleaved"]), "rope_rotation")]
+        )
+        return t.op("Add", [diag, turn])  # [b, s, d, d]
 
-    cos, sin = t.shared(("rope", pos, a["inv_freq"], a["scaling"], a["interleaved"], rank), tables)
-    rotated = t.op("MatMul", [x, t.f32(_rotation(len(a["inv_freq"]), a["interleaved"]), "rope_rotation")])
-    t.result("Add", [t.op("Mul", [x, cos]), t.op("Mul", [rotated, sin])])
+    m = t.shared(("rope", pos, a["inv_freq"], a["scaling"], a["interleaved"]), rotation)
+    if rank == 4:  # [b, s, H, d] @ [b, s, d, d]
+        t.result("MatMul", [x, m])
+    else:  # [b, s, d] -> [b, s, 1, d] @ [b, s, d, d] -> [b, s, d]
+        t.result("Squeeze", [t.op("MatMul", [t.op("Unsqueeze", [x, t.i64([-2])]), m]), t.i64([-2])])
 
 
 def _attention(t: Tape, n: Node, ins: list[str]) -> None:
     q, k, v = ins
+    heads, kv_heads = n.inputs[0].type.shape[2], n.inputs[1].type.shape[2]
+    if kv_heads == 1 and isinstance(heads, int):
+        _attention_one_kv_head(t, n, ins, heads)
+        return
     qh = t.op("Transpose", [q], perm=[0, 2, 1, 3])  # [b, h, s, d]
     kt = t.op("Transpose", [k], perm=[0, 2, 3, 1])  # [b, h, d, T]
     vh = t.op("Transpose", [v], perm=[0, 2, 1, 3])  # [b, h, T, dv]
@@ -277,6 +287,33 @@ def _attention(t: Tape, n: Node, ins: list[str]) -> None:
     hidden = t.shared(("mask", n.inputs[0].type.shape[1], n.inputs[1].type.shape[1]), causal_mask)
     probs = t.op("Softmax", [t.op("Where", [hidden, t.f32(-np.inf), scores])], axis=-1)
     t.result("Transpose", [t.op("MatMul", [probs, vh])], perm=[0, 2, 1, 3])
+
+
+def _attention_one_kv_head(t: Tape, n: Node, ins: list[str], heads: int) -> None:
+    """Multi-query attention (one key/value head: MLA's absorbed latent) without transposes: the query heads of
+    every new token are rows of one [b, s*H, d] matrix against keys [b, T, d], so the cache is read in place
+    (the per-head layout would copy it into [b, 1, d, T] every step)."""
+    q, k, v = ins
+    dk, dv = n.inputs[0].type.shape[3], n.inputs[2].type.shape[3]
+    rows = t.op("Reshape", [q, t.i64([0, -1, dk])])  # [b, s*H, dk]
+    keys = t.op("Reshape", [k, t.i64([0, -1, dk])])  # [b, T, dk]
+    values = keys if v == k else t.op("Reshape", [v, t.i64([0, -1, dv])])
+    kt = t.op("Transpose", [keys], perm=[0, 2, 1])  # onnxruntime folds this into the MatMul (FusedMatMul transB)
+    scores = t.op("Mul", [t.op("MatMul", [rows, kt]), t.f32(n.attrs["scale"])])
+
+    def causal_mask() -> str:
+        """Row r = i*H + h is query i: key j is hidden when j > (T - s) + i."""
+        s_len = t.op("Gather", [t.op("Shape", [q]), t.i64(1)], axis=0)
+        t_len = t.op("Gather", [t.op("Shape", [k]), t.i64(1)], axis=0)
+        zero, one = t.i64(0), t.i64(1)
+        query = t.op("Div", [t.op("Range", [zero, t.op("Mul", [s_len, t.i64(heads)]), one]), t.i64(heads)])
+        limit = t.op("Add", [query, t.op("Sub", [t_len, s_len])])
+        cols = t.op("Range", [zero, t_len, one])
+        return t.op("Greater", [cols, t.op("Unsqueeze", [limit, t.i64([1])])])
+
+    hidden = t.shared(("mask_rows", heads, n.inputs[0].type.shape[1], n.inputs[1].type.shape[1]), causal_mask)
+    probs = t.op("Softmax", [t.op("Where", [hidden, t.f32(-np.inf), scores])], axis=-1)
+    t.result("Reshape", [t.op("MatMul", [probs, values]), t.i64([0, -1, heads, dv])])
 
 
 def _keep_top_groups(t: Tape, n: Node, choice: str) -> str:
@@ -351,49 +388,6 @@ def _flat_routing(t: Tape, n: Node, ins: list[str]) -> tuple[str, str, str, str]
     )
 
 
-def _moe_contrib(t: Tape, n: Node, ins: list[str]) -> None:
-    """onnxruntime's com.microsoft MoE kernel (CPU: interleaved SwiGLU, alpha 1, beta 0 = silu(g) * u).
-
-    Its router applies softmax and top-k to the probabilities it is given. Feeding it log(w) scattered over
-    the chosen experts (log 0 = -inf elsewhere) makes softmax return w / sum(w) at exactly DeepSeek's
-    choices, and multiplying the output by sum(w) restores the weights: routing stays exact (DESIGN.md §8).
-    """
-    if _is_int(n) and ("route", n.inputs[1].name) in t.e._shared:
-        return _qmoe_routed(t, n, ins, *t.e._shared[("route", n.inputs[1].name)])
-    x2, w2, idx2, shape = _flat_routing(t, n, ins)
-    logits = t.op("Log", [_scatter_dense(t, t.op("Shape", [w2], end=1), idx2, w2, n.attrs["num_experts"])])
-    attrs = dict(
-        domain="com.microsoft",
-        k=n.inputs[1].type.shape[-1],
-        activation_type="swiglu",
-        swiglu_fusion=1,
-        activation_alpha=1.0,
-        activation_beta=0.0,
-        swiglu_limit=1e30,
-        normalize_routing_weights=0,
-    )
-    if _is_int(n):  # QMoE: fc1 [E, 2I, H*bits/8] (rows interleaved), scales [E, 2I, H/block]; fc2 likewise
-        fc1, s1 = t.owned("q_glu"), t.owned("q_glu_scale")
-        fc2, s2 = t.owned("q_down"), t.owned("q_down_scale")
-        a = n.attrs
-        y = t.op(
-            "QMoE",
-            [x2, logits, fc1, s1, "", fc2, s2],
-            expert_weight_bits=a["bits"],
-            block_size=a["block"],
-            accuracy_level=ACCURACY_LEVEL,
-            **attrs,
-        )
-    else:
-        fc1, fc2 = t.owned("glu_interleaved"), t.owned("down")
-        if len(n.inputs) > 6:  # FP8 experts: per-row block scales along the input axis
-            fc1 = _dequantize(t, fc1, t.owned("glu_interleaved_scale"), axis=2)
-            fc2 = _dequantize(t, fc2, t.owned("down_scale"), axis=2)
-        y = t.op("MoE", [x2, logits, fc1, "", fc2], **attrs)
-    y = t.op("Mul", [y, t.op("ReduceSum", [w2, t.i64([-1])], keepdims=1)])
-    t.result("Reshape", [y, shape])
-
-
 _SWIGLU = dict(
     domain="com.microsoft",
     activation_type="swiglu",
@@ -404,21 +398,55 @@ _SWIGLU = dict(
 )
 
 
+def _moe_contrib(t: Tape, n: Node, ins: list[str]) -> None:
+    """onnxruntime's com.microsoft MoE kernel (CPU: interleaved SwiGLU, alpha 1, beta 0 = silu(g) * u).
+
+    Its router applies softmax and top-k to the probabilities it is given. Feeding it log(w) scattered over
+    the chosen experts (log 0 = -inf elsewhere) makes softmax return w / sum(w) at exactly DeepSeek's
+    choices, and multiplying the output by sum(w) restores the weights: routing stays exact (DESIGN.md §8).
+    The kernel takes [b, s, H] tokens as they are (only the router rows must be 2-D).
+    """
+    if _is_int(n) and ("route", n.inputs[1].name) in t.e._shared:
+        return _qmoe_routed(t, n, ins, *t.e._shared[("route", n.inputs[1].name)])
+    x, w, idx = ins[:3]
+    lead = t.op("Shape", [w], end=-1)
+    dense = _scatter_dense(t, lead, idx, w, n.attrs["num_experts"])
+    logits = t.op("Log", [t.op("Reshape", [dense, t.i64([-1, n.attrs["num_experts"]])])])  # rows must be 2-D
+    attrs = dict(k=n.inputs[1].type.shape[-1], normalize_routing_weights=0, **_SWIGLU)
+    if _is_int(n):  # QMoE: fc1 [E, 2I, H*bits/8] (rows interleaved), scales [E, 2I, H/block]; fc2 likewise
+        fc1, s1 = t.owned("q_glu"), t.owned("q_glu_scale")
+        fc2, s2 = t.owned("q_down"), t.owned("q_down_scale")
+        a = n.attrs
+        y = t.op(
+            "QMoE",
+            [x, logits, fc1, s1, "", fc2, s2],
+            expert_weight_bits=a["bits"],
+            block_size=a["block"],
+            accuracy_level=ACCURACY_LEVEL,
+            **attrs,
+        )
+    else:
+        fc1, fc2 = t.owned("glu_interleaved"), t.owned("down")
+        if len(n.inputs) > 6:  # FP8 experts: per-row block scales along the input axis
+            fc1 = _dequantize(t, fc1, t.owned("glu_interleaved_scale"), axis=2)
+            fc2 = _dequantize(t, fc2, t.owned("down_scale"), axis=2)
+        y = t.op("MoE", [x, logits, fc1, "", fc2], **attrs)
+    t.result("Mul", [y, t.op("ReduceSum", [w, t.i64([-1])], keepdims=1)])
+
+
 def _qmoe_routed(t: Tape, n: Node, ins: list[str], choice: str, scores: str, route: dict) -> None:
     """QMoE routing by itself from the router's dense tensors (DeepSeek's exact rule, one kernel instead of
     about fifteen): it picks the top-k of ``router_probs`` (the selection scores: bias added, groups masked)
     and mixes with ``router_weights`` (the scores) gathered at the picks, normalized to sum 1 when
-    ``normalize_routing_weights``; the routed scaling factor multiplies the output. Checked against the
-    reference by tests/backends/test_lowerings.py (moe_route + moe_experts)."""
-    hidden, n_exp = n.inputs[0].type.shape[-1], route["num_experts"]
-    shape = t.op("Shape", [ins[0]])
-    x2 = t.op("Reshape", [ins[0], t.i64([-1, hidden])])
+    ``normalize_routing_weights``; the routed scaling factor multiplies the output. Tokens stay [b, s, H]; the
+    router rows must be 2-D. Checked against the reference by tests/passes/test_int_quantize.py."""
+    n_exp = route["num_experts"]
     probs = t.op("Reshape", [choice, t.i64([-1, n_exp])])
     weights = t.op("Reshape", [scores, t.i64([-1, n_exp])])
     a = n.attrs
     y = t.op(
         "QMoE",
-        [x2, probs, t.owned("q_glu"), t.owned("q_glu_scale"), "", t.owned("q_down"), t.owned("q_down_scale")]
+        [ins[0], probs, t.owned("q_glu"), t.owned("q_glu_scale"), "", t.owned("q_down"), t.owned("q_down_scale")]
         + [""] * 7
         + [weights],
         k=route["top_k"],
@@ -429,8 +457,9 @@ def _qmoe_routed(t: Tape, n: Node, ins: list[str], choice: str, scores: str, rou
         **_SWIGLU,
     )
     if route["scaling"] != 1.0:
-        y = t.op("Mul", [y, t.f32(route["scaling"])])
-    t.result("Reshape", [y, shape])
+        t.result("Mul", [y, t.f32(route["scaling"])])
+    else:
+        t.result("Identity", [y])
 
 
 def _moe_gather(t: Tape, n: Node, ins: list[str]) -> None:

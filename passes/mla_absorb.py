@@ -192,7 +192,6 @@ class MlaAbsorbPass:
         new = op(Op.CONCAT, [m.c_n, flat_pe], {"axis": -1}).output
         present = op(Op.CONCAT, [past, new], {"axis": 1}, out_names=[entry.present]).output
         keys = op(Op.RESHAPE, [present], {"shape": (0, 0, 1, kv_lora + rope)}).output
-        values = op(Op.SPLIT, [keys], {"axis": -1, "sizes": (kv_lora, rope)}).outputs[0]
 
         if self.fold_q and m.q_linear is not None:
             w_q = m.q_linear.inputs[1]
@@ -210,7 +209,11 @@ class MlaAbsorbPass:
             )
             q_lat, q_pe = op(Op.HEAD_LINEAR, [m.q_nope, uk_t]).output, m.q_pe
         q_abs = op(Op.CONCAT, [q_lat, q_pe], {"axis": -1}).output
-        o_lat = op(Op.ATTENTION, [q_abs, keys, values], m.attn.attrs).output  # [b, s, N, kv_lora]
+        # The values are the c columns of the keys. Attending over whole [c | k_pe] rows and dropping the rope
+        # columns of the output costs rope/kv_lora more multiply-adds in softmax . V but no copy of the cache's
+        # c columns every step (a split of the cache would copy it, the whole context long).
+        o_full = op(Op.ATTENTION, [q_abs, keys, keys], m.attn.attrs).output  # [b, s, N, kv_lora + rope]
+        o_lat = op(Op.SPLIT, [o_full], {"axis": -1, "sizes": (kv_lora, rope)}).outputs[0]  # [b, s, N, kv_lora]
 
         if self.fold_o and m.o_linear is not None:
             w_o = m.o_linear.inputs[1]

@@ -30,9 +30,10 @@ REGISTRY: dict[str, str] = {
     "fp8-quantize": "dsc.passes.fp8_quantize:Fp8QuantizePass",
     "int-quantize": "dsc.passes.int_quantize:IntQuantizePass",
     "expert-placement": "dsc.passes.expert_placement:ExpertPlacementPass",
+    "linear-fusion": "dsc.passes.linear_fusion:LinearFusionPass",
 }
 
-DEFAULT_PIPELINE: tuple[str, ...] = ("mla-absorb", "expert-fusion", "cleanup")
+DEFAULT_PIPELINE: tuple[str, ...] = ("mla-absorb", "expert-fusion", "linear-fusion", "cleanup")
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,13 @@ ORDER: tuple[Order, ...] = (
     Order("expert-fusion", "int-quantize", "int-quantize quantizes fused experts stack by stack (QMoE's layout)"),
     Order("expert-placement", "int-quantize", "placement replicates float experts; quantizing after keeps one path"),
     Order("fp8-quantize", "int-quantize", "int-quantize re-expresses FP8 weights; the reverse would lose them"),
+    Order(
+        "mla-absorb",
+        "linear-fusion",
+        "without q_lora_rank, q_proj and kv_a_proj read the same input; fused first, mla-absorb's fold-q would no "
+        "longer find the query projection",
+    ),
+    Order("linear-fusion", "int-quantize", "int-quantize quantizes the fused linears as they will run"),
 )
 
 # --quantize values and the pass each one adds.

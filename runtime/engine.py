@@ -19,16 +19,25 @@ class Engine(Protocol):
     manifest: Manifest
     cache: tuple[CacheTensor, ...]
 
-    def step(self, input_ids: np.ndarray, position_ids: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, list]:
-        """Run new tokens through the model. Returns (logits [b, s, vocab], present cache tensors)."""
+    def step(self, input_ids: np.ndarray, position_ids: np.ndarray, past: list) -> tuple[np.ndarray, list]:
+        """Run new tokens through the model. Returns (logits [b, s, vocab], present cache tensors). ``past`` is the
+        previous step's present (or ``[c.empty(batch) for c in cache]``); engines may return the present as their
+        own array type (onnxruntime OrtValues, torch tensors) as long as ``np.asarray`` reads it and ``step``
+        takes it back as past."""
         ...
 
 
-def ort_session(path: Path, threads: int | None = None, providers: list[str] | None = None):
-    """An onnxruntime session for one dsc ONNX file (whole engines and expert-parallel pieces alike)."""
+def ort_session(
+    path: Path, threads: int | None = None, providers: list[str] | None = None, *, profile_prefix: str | None = None
+):
+    """An onnxruntime session for one dsc ONNX file (whole engines and expert-parallel pieces alike);
+    ``profile_prefix`` turns on onnxruntime's profiler (benchmarks/bench_decode.py --profile)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
+    if profile_prefix is not None:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile_prefix
     opts.intra_op_num_threads = threads or min(os.cpu_count() or 1, 16)
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # onnxruntime keeps DequantizeLinear nodes out of constant folding (for its int8 QDQ fusions), which
@@ -42,7 +51,12 @@ def ort_session(path: Path, threads: int | None = None, providers: list[str] | N
 
 
 class OnnxEngine:
-    """An ONNX engine run by onnxruntime (CPU by default; CUDA when onnxruntime-gpu is installed and asked)."""
+    """An ONNX engine run by onnxruntime (CPU by default; CUDA when onnxruntime-gpu is installed and asked).
+
+    ``step`` runs through onnxruntime's IO binding: the present cache comes back as onnxruntime ``OrtValue``s that
+    onnxruntime allocated itself, and fed back as the next step's past they are bound as they are, so the cache never
+    goes through numpy between steps (``np.asarray(value)`` reads one without a copy). numpy arrays are accepted as
+    past too (the empty cache, a cache from another engine)."""
 
     def __init__(self, path: Path, *, threads: int | None = None, providers: list[str] | None = None) -> None:
         self.path = path
@@ -51,11 +65,22 @@ class OnnxEngine:
         self.session = ort_session(path, threads, providers)
         self._outputs = ["logits"] + [c.output for c in self.cache]
 
-    def step(self, input_ids: np.ndarray, position_ids: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, list]:
-        feeds = {"input_ids": input_ids, "position_ids": position_ids}
-        feeds.update({c.input: p for c, p in zip(self.cache, past, strict=True)})
-        logits, *present = self.session.run(self._outputs, feeds)
-        return logits, present
+    def step(self, input_ids: np.ndarray, position_ids: np.ndarray, past: list) -> tuple[np.ndarray, list]:
+        import onnxruntime as ort
+
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
+        binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
+        for c, p in zip(self.cache, past, strict=True):
+            if isinstance(p, ort.OrtValue):
+                binding.bind_ortvalue_input(c.input, p)
+            else:
+                binding.bind_cpu_input(c.input, np.ascontiguousarray(p))
+        for name in self._outputs:
+            binding.bind_output(name)
+        self.session.run_with_iobinding(binding)
+        logits, *present = binding.get_outputs()
+        return logits.numpy(), present
 
 
 def load_engine(path: str | Path, *, threads: int | None = None) -> Engine:

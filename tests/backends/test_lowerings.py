@@ -191,6 +191,13 @@ def _(g: OneNode) -> Graph:
     return _attention(g, kv_heads=1)  # MLA absorbed: one shared latent head
 
 
+@case(Op.ATTENTION, "attention-values-are-keys")
+def _(g: OneNode) -> Graph:
+    q = g.input("q", g.randn(2, 3, 4, 8))
+    k = g.input("k", g.randn(2, 5, 1, 8), ("batch", "total"))
+    return g.node(Op.ATTENTION, [q, k, k], {"scale": 0.35})  # mla-absorb: values are the keys' rows
+
+
 @case(Op.ADD)
 def _(g: OneNode) -> Graph:
     return g.node(Op.ADD, [g.input("a", g.randn(2, 3, 8)), g.input("b", g.randn(2, 3, 8))])

@@ -27,6 +27,7 @@ def test_records_stats_and_prints_ir_after_each_pass(tmp_path):
     assert [(r.name, r.modified) for r in pm.records] == [
         ("mla-absorb", True),
         ("expert-fusion", False),
+        ("linear-fusion", True),
         ("cleanup", False),
     ]
     assert pm.records[0].stats["absorbed"] == 1
@@ -34,13 +35,15 @@ def test_records_stats_and_prints_ir_after_each_pass(tmp_path):
     assert headers == [
         "// ----- IR after mla-absorb (changed) -----",
         "// ----- IR after expert-fusion (unchanged) -----",
+        "// ----- IR after linear-fusion (changed) -----",
         "// ----- IR after cleanup (unchanged) -----",
     ]
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "000_input.txt",
         "001_mla-absorb.txt",
         "002_expert-fusion.txt",
-        "003_cleanup.txt",
+        "003_linear-fusion.txt",
+        "004_cleanup.txt",
     ]
     assert "past_key_values.0.latent" in (tmp_path / "001_mla-absorb.txt").read_text()
 
@@ -48,7 +51,10 @@ def test_records_stats_and_prints_ir_after_each_pass(tmp_path):
 def test_print_ir_after_change_skips_unchanged():
     printed: list[str] = []
     PassManager(build_pipeline(), print_ir_after_change=True, emit=printed.append).run(hand_built_mla())
-    assert [p for p in printed if p.startswith("// -----")] == ["// ----- IR after mla-absorb (changed) -----"]
+    assert [p for p in printed if p.startswith("// -----")] == [
+        "// ----- IR after mla-absorb (changed) -----",
+        "// ----- IR after linear-fusion (changed) -----",
+    ]
 
 
 class BreakingPass:
@@ -81,11 +87,12 @@ def test_quantize_inserts_fp8_before_expert_fusion():
         "mla-absorb",
         "fp8-quantize",
         "expert-fusion",
+        "linear-fusion",
         "cleanup",
     ]
     int4 = build_pipeline(quantize="int4")
-    assert [p.name for p in int4] == ["mla-absorb", "expert-fusion", "int-quantize", "cleanup"]
-    assert int4[2].bits == 4 and int4[2].block_size == 128
+    assert [p.name for p in int4] == ["mla-absorb", "expert-fusion", "linear-fusion", "int-quantize", "cleanup"]
+    assert int4[3].bits == 4 and int4[3].block_size == 128
     with pytest.raises(CompileError, match="'expert-fusion' must run before 'int-quantize'"):
         build_pipeline("mla-absorb,int-quantize,expert-fusion")
 
@@ -132,6 +139,6 @@ def test_order_constraints_are_checked_by_the_manager():
 
 def test_extra_passes_go_where_the_order_wants_them():
     names = [p.name for p in build_pipeline(extra=[("fp8-quantize", {})])]
-    assert names == ["mla-absorb", "fp8-quantize", "expert-fusion", "cleanup"]
+    assert names == ["mla-absorb", "fp8-quantize", "expert-fusion", "linear-fusion", "cleanup"]
     with pytest.raises(DscError, match="x: cannot read expert load"):
         build_pipeline(["mla-absorb"], extra=[("expert-placement", {"load": "x"})])

@@ -1,0 +1,59 @@
+"""OnnxEngine.step through onnxruntime's IO binding: the same numbers as a plain session.run, the present cache
+kept as OrtValues between steps, numpy past accepted."""
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from dsc.commands.compile import CompileOptions, compile_model
+from dsc.frontends.presets import make_model
+from dsc.runtime.engine import OnnxEngine
+from dsc.runtime.generate import generate
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory) -> OnnxEngine:
+    tmp = tmp_path_factory.mktemp("iobinding")
+    ckpt = make_model("tiny", tmp / "ckpt", seed=5, lm_head_scale=4.0)
+    return OnnxEngine(compile_model(ckpt, tmp / "m.onnx", CompileOptions()).output, threads=1)
+
+
+def _plain_run(engine: OnnxEngine, ids, pos, past):
+    feeds = {"input_ids": ids, "position_ids": pos}
+    feeds.update({c.input: np.asarray(p) for c, p in zip(engine.cache, past, strict=True)})
+    logits, *present = engine.session.run(["logits"] + [c.output for c in engine.cache], feeds)
+    return logits, present
+
+
+def test_bound_steps_equal_plain_runs_and_keep_the_cache_in_onnxruntime(engine):
+    batch, prompt = 2, np.array([[3, 1, 4, 1, 5], [9, 2, 6, 5, 3]], dtype=np.int64)
+    pos = np.broadcast_to(np.arange(5), (batch, 5)).copy()
+    past = [c.empty(batch) for c in engine.cache]
+    logits, present = engine.step(prompt, pos, past)
+    want, want_present = _plain_run(engine, prompt, pos, past)
+    np.testing.assert_array_equal(logits, want)
+    for step in range(4):
+        assert all(isinstance(p, ort.OrtValue) for p in present)
+        for got, ref in zip(present, want_present, strict=True):
+            np.testing.assert_array_equal(np.asarray(got), ref)  # np.asarray reads an OrtValue without a copy
+        nxt = logits[:, -1].argmax(-1)[:, None].astype(np.int64)
+        at = np.full((batch, 1), 5 + step, dtype=np.int64)
+        want, want_present = _plain_run(engine, nxt, at, want_present)
+        logits, present = engine.step(nxt, at, present)
+        np.testing.assert_array_equal(logits, want)
+    assert np.asarray(present[0]).shape[:2] == (batch, 9)
+
+
+def test_numpy_past_and_logits_outlive_the_next_step(engine):
+    ids, pos = np.array([[7, 8, 9]], dtype=np.int64), np.arange(3)[None].copy()
+    logits, present = engine.step(ids, pos, [c.empty(1) for c in engine.cache])
+    kept = logits.copy()
+    as_numpy = [np.array(p) for p in present]  # a cache that went through numpy (another engine, a file) still works
+    a, _ = engine.step(np.array([[1]]), np.array([[3]]), as_numpy)
+    b, _ = engine.step(np.array([[1]]), np.array([[3]]), present)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(logits, kept)  # earlier logits are not overwritten by later steps
+
+
+def test_generate_runs_on_bound_engine(engine):
+    result = generate(engine, [[1, 2, 3]], 6)
+    assert len(result.tokens[0]) == 6
