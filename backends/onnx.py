@@ -316,6 +316,14 @@ def _attention_one_kv_head(t: Tape, n: Node, ins: list[str], heads: int) -> None
     t.result("Reshape", [t.op("MatMul", [probs, values]), t.i64([0, -1, heads, dv])])
 
 
+def _kth_largest(t: Tape, x: str, k: int, axis: int) -> str:
+    """The k-th largest value of ``x`` along ``axis`` (kept as a size-1 axis): with ``x >= it``, a top-k mask in
+    three kernels instead of a scatter of TopK's indices. An exact tie at the k-th value keeps every tied entry
+    (the reference's topk would keep one of them arbitrarily; with real-valued scores ties do not occur)."""
+    values, _ = t.op_multi("TopK", [x, t.i64([k])], 2, axis=axis)
+    return t.op("Slice", [values, t.i64([k - 1]), t.i64([k]), t.i64([axis])])
+
+
 def _keep_top_groups(t: Tape, n: Node, choice: str) -> str:
     """Group-limited routing: only the experts of the ``topk_group`` best groups stay candidates (the others get
     -inf for noaux_tc, 0 for group_limited_greedy, as DeepSeek's reference does)."""
@@ -324,16 +332,12 @@ def _keep_top_groups(t: Tape, n: Node, choice: str) -> str:
     grouped = t.op("Reshape", [choice, t.i64([0, 0, groups, per_group])])
     if a["method"] == "noaux_tc":  # a group scores the sum of its two best experts
         top2, _ = t.op_multi("TopK", [grouped, t.i64([2])], 2, axis=-1)
-        group_scores = t.op("ReduceSum", [top2, t.i64([-1])], keepdims=0)
+        group_scores = t.op("ReduceSum", [top2, t.i64([-1])], keepdims=1)  # [b, s, G, 1]
     else:
-        group_scores = t.op("ReduceMax", [grouped, t.i64([-1])], keepdims=0)
-    _, top_groups = t.op_multi("TopK", [group_scores, t.i64([a["topk_group"]])], 2, axis=-1)
-    zeros = t.op("Mul", [group_scores, t.f32(0.0)])
-    ones = t.op("Add", [t.op("Slice", [zeros, t.i64([0]), t.i64([a["topk_group"]]), t.i64([-1])]), t.f32(1.0)])
-    group_mask = t.op("ScatterElements", [zeros, top_groups, ones], axis=-1)
-    per_expert = t.op("Expand", [t.op("Unsqueeze", [group_mask, t.i64([-1])]), t.i64([1, 1, 1, per_group])])
-    keep = t.op("Cast", [t.op("Reshape", [per_expert, t.i64([0, 0, a["num_experts"]])])], to=TensorProto.BOOL)
-    return t.op("Where", [keep, choice, t.f32(-np.inf if a["method"] == "noaux_tc" else 0.0)])
+        group_scores = t.op("ReduceMax", [grouped, t.i64([-1])], keepdims=1)
+    keep = t.op("GreaterOrEqual", [group_scores, _kth_largest(t, group_scores, a["topk_group"], axis=-2)])
+    fill = t.f32(-np.inf if a["method"] == "noaux_tc" else 0.0)
+    return t.op("Reshape", [t.op("Where", [keep, grouped, fill]), t.i64([0, 0, a["num_experts"]])])
 
 
 def _moe_route(t: Tape, n: Node, ins: list[str]) -> None:
@@ -406,8 +410,9 @@ def _moe_contrib(t: Tape, n: Node, ins: list[str]) -> None:
     choices, and multiplying the output by sum(w) restores the weights: routing stays exact (DESIGN.md §8).
     The kernel takes [b, s, H] tokens as they are (only the router rows must be 2-D).
     """
-    if _is_int(n) and ("route", n.inputs[1].name) in t.e._shared:
-        return _qmoe_routed(t, n, ins, *t.e._shared[("route", n.inputs[1].name)])
+    route = t.e._shared.get(("route", n.inputs[1].name))
+    if route is not None:
+        return (_qmoe_routed if _is_int(n) else _moe_routed)(t, n, ins, *route)
     x, w, idx = ins[:3]
     lead = t.op("Shape", [w], end=-1)
     dense = _scatter_dense(t, lead, idx, w, n.attrs["num_experts"])
@@ -432,6 +437,26 @@ def _moe_contrib(t: Tape, n: Node, ins: list[str]) -> None:
             fc2 = _dequantize(t, fc2, t.owned("down_scale"), axis=2)
         y = t.op("MoE", [x, logits, fc1, "", fc2], **attrs)
     t.result("Mul", [y, t.op("ReduceSum", [w, t.i64([-1])], keepdims=1)])
+
+
+def _moe_routed(t: Tape, n: Node, ins: list[str], choice: str, scores: str, route: dict) -> None:
+    """The float MoE kernel routed from the router's dense tensors: the top-k mask of the selection scores
+    (``_kth_largest``), log(scores) there and -inf elsewhere, so that the kernel's softmax gives the chosen
+    experts' scores normalized to sum 1 (DeepSeek's norm_topk_prob; without it the output is multiplied back
+    by their sum), then the routed scaling factor. About half the kernels of routing through TopK's indices."""
+    keep = t.op("GreaterOrEqual", [choice, _kth_largest(t, choice, route["top_k"], axis=-1)])
+    logits = t.op("Where", [keep, t.op("Log", [scores]), t.f32(-np.inf)])
+    logits = t.op("Reshape", [logits, t.i64([-1, route["num_experts"]])])  # router rows must be 2-D
+    fc1, fc2 = t.owned("glu_interleaved"), t.owned("down")
+    if len(n.inputs) > 6:  # FP8 experts: per-row block scales along the input axis
+        fc1 = _dequantize(t, fc1, t.owned("glu_interleaved_scale"), axis=2)
+        fc2 = _dequantize(t, fc2, t.owned("down_scale"), axis=2)
+    y = t.op("MoE", [ins[0], logits, fc1, "", fc2], k=route["top_k"], normalize_routing_weights=0, **_SWIGLU)
+    scale = t.f32(route["scaling"])
+    if not (route["norm_topk_prob"] and route["top_k"] > 1):
+        total = t.op("ReduceSum", [t.op("Where", [keep, scores, t.f32(0.0)]), t.i64([-1])], keepdims=1)
+        scale = t.op("Mul", [total, scale])
+    t.result("Mul", [y, scale])
 
 
 def _qmoe_routed(t: Tape, n: Node, ins: list[str], choice: str, scores: str, route: dict) -> None:

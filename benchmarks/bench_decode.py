@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import THREADS, DscRunner, prompt_ids  # noqa: E402
 from dsc.runtime.engine import OnnxEngine, ort_session  # noqa: E402
 
-GEMM_OPS = {"MatMul", "FusedMatMul", "Gemm", "MoE", "MatMulNBits"}
+GEMM_OPS = {"MatMul", "FusedMatMul", "Gemm", "MoE", "QMoE", "MatMulNBits"}
 
 
 def measure(engines: dict[str, OnnxEngine], contexts: list[int], repeats: int, steps: int) -> None:
