@@ -317,7 +317,8 @@ def _attention_one_kv_head(t: Tape, n: Node, ins: list[str], heads: int) -> None
 
 
 def _kth_largest(t: Tape, x: str, k: int, axis: int) -> str:
-    """The k-th largest value of ``x`` along ``axis`` (kept as a size-1 axis): with ``x >= it``, a top-k mask in
+    """The k-th largest value of ``x`` along ``axis`` (kept as a size-1 axis): with ``it <= x`` (LessOrEqual, which
+    TensorRT parses, unlike GreaterOrEqual), a top-k mask in
     three kernels instead of a scatter of TopK's indices. An exact tie at the k-th value keeps every tied entry
     (the reference's topk would keep one of them arbitrarily; with real-valued scores ties do not occur)."""
     values, _ = t.op_multi("TopK", [x, t.i64([k])], 2, axis=axis)
@@ -335,7 +336,7 @@ def _keep_top_groups(t: Tape, n: Node, choice: str) -> str:
         group_scores = t.op("ReduceSum", [top2, t.i64([-1])], keepdims=1)  # [b, s, G, 1]
     else:
         group_scores = t.op("ReduceMax", [grouped, t.i64([-1])], keepdims=1)
-    keep = t.op("GreaterOrEqual", [group_scores, _kth_largest(t, group_scores, a["topk_group"], axis=-2)])
+    keep = t.op("LessOrEqual", [_kth_largest(t, group_scores, a["topk_group"], axis=-2), group_scores])
     fill = t.f32(-np.inf if a["method"] == "noaux_tc" else 0.0)
     return t.op("Reshape", [t.op("Where", [keep, grouped, fill]), t.i64([0, 0, a["num_experts"]])])
 
@@ -444,7 +445,7 @@ def _moe_routed(t: Tape, n: Node, ins: list[str], choice: str, scores: str, rout
     (``_kth_largest``), log(scores) there and -inf elsewhere, so that the kernel's softmax gives the chosen
     experts' scores normalized to sum 1 (DeepSeek's norm_topk_prob; without it the output is multiplied back
     by their sum), then the routed scaling factor. About half the kernels of routing through TopK's indices."""
-    keep = t.op("GreaterOrEqual", [choice, _kth_largest(t, choice, route["top_k"], axis=-1)])
+    keep = t.op("LessOrEqual", [_kth_largest(t, choice, route["top_k"], axis=-1), choice])
     logits = t.op("Where", [keep, t.op("Log", [scores]), t.f32(-np.inf)])
     logits = t.op("Reshape", [logits, t.i64([-1, route["num_experts"]])])  # router rows must be 2-D
     fc1, fc2 = t.owned("glu_interleaved"), t.owned("down")
