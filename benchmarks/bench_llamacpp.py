@@ -5,7 +5,9 @@ three precisions: f32 (dsc --quantize none vs an F32 GGUF), 8-bit (--quantize in
     python benchmarks/bench_llamacpp.py [--checkpoint DIR | --preset bench] [--precisions f32,int8,int4]
         [--threads T] [--decode 64] [--workdir /tmp/dsc-bench] [--json results.json]
 
-What is timed, warm, the same for both, as the mean of ``--repeats`` repetitions (tokens/s):
+What is timed, warm, the same for both, as the mean of ``--repeats`` repetitions (tokens/s), and with ``--rounds R``
+the best of R rounds that alternate dsc and llama.cpp (each engine's least-disturbed round: on a shared machine a
+load spike during one engine's turn otherwise decides the ratio; every round's figures are in the JSON):
 - decode: ``--decode`` one-token steps after a ``--context``-token context (llama-bench tg at depth --context);
 - prefill: ``--prefill`` tokens in one call on top of a ``--context``-token cache (llama-bench pp at that depth).
 llama.cpp is timed by its own ``llama-bench -p P -n N -d C -t T -r R -o json`` (its defaults otherwise: warm-up
@@ -148,6 +150,23 @@ def run_dsc(ckpt: Path, prec: Precision, args: argparse.Namespace, logs: Path) -
     return {**result, **json.loads(out.read_text()), "available": True, "peak_rss_bytes": memory.get("VmHWM", 0)}
 
 
+def best_of(rounds: list[dict]) -> dict:
+    """Per engine, the last round's record with the best tokens/s of all rounds and the highest peak RSS."""
+    row = {}
+    for engine in ("dsc", "llama.cpp"):
+        records = [r[engine] for r in rounds]
+        best = dict(records[-1])
+        for key in ("decode_tokens_per_s", "prefill_tokens_per_s"):
+            values = [rec[key] for rec in records if rec.get(key)]
+            if values:
+                best[key], best[f"{key}_rounds"] = max(values), values
+        peaks = [rec["peak_rss_bytes"] for rec in records if rec.get("peak_rss_bytes")]
+        if peaks:
+            best["peak_rss_bytes"] = max(peaks)
+        row[engine] = best
+    return row
+
+
 def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a and b else None
 
@@ -240,6 +259,7 @@ def main() -> None:
     p.add_argument("--prefill", type=int, default=128)
     p.add_argument("--decode", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=1, help="alternate dsc and llama.cpp R times; report each one's best")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/dsc-bench"))
     p.add_argument("--reuse", action="store_true", help="reuse dsc engines already in the workdir")
     p.add_argument("--json", type=Path, help="write every number here")
@@ -265,19 +285,24 @@ def main() -> None:
         f"{args.repeats} repetitions",
         flush=True,
     )
-    rows = {}
-    for prec in precisions:
-        print(f"{prec.name}:", flush=True)
-        rows[prec.name] = {
-            "dsc": run_dsc(ckpt, prec, args, logs),
-            "llama.cpp": run_llama(ggufs[prec.gguf_type], tools, args, logs),
-        }
+    rounds: dict[str, list[dict]] = {p.name: [] for p in precisions}
+    for r in range(args.rounds):
+        for prec in precisions:
+            print(f"{prec.name}:" + (f" round {r + 1}/{args.rounds}" if args.rounds > 1 else ""), flush=True)
+            rounds[prec.name].append(
+                {
+                    "dsc": run_dsc(ckpt, prec, args, logs),
+                    "llama.cpp": run_llama(ggufs[prec.gguf_type], tools, args, logs),
+                }
+            )
+        args.reuse = True  # compile once
+    rows = {name: best_of(rs) for name, rs in rounds.items()}
     compare(rows)
     load_end = os.getloadavg()[0]
     print(f"\n{ckpt.name}, {args.threads} threads, load average at end {load_end:.2f}")
     print_table(rows, busy is not None)
     if args.json:
-        settings = {k: getattr(args, k) for k in ("context", "prefill", "decode", "repeats", "threads")}
+        settings = {k: getattr(args, k) for k in ("context", "prefill", "decode", "repeats", "rounds", "threads")}
         report = {
             "command": command,
             "checkpoint": str(ckpt),
