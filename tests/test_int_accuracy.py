@@ -2,14 +2,15 @@
 tests/test_fp8_accuracy.py does for FP8): 512 windows of 128 bytes, 65,536 positions.
 
 The issue's bars: int8 top-1 agreement >= 99.5% and perplexity within 0.5%; int4 perplexity within 3%, agreement
-reported. Measured (onnxruntime 1.32, default blocks: int8 linears 32 / experts 128, int4 128):
-- int8: agreement 98.89% (95% Wilson 98.81-98.97%), perplexity +0.08%, mean KL 1.9e-3 nats;
+reported. Measured (onnxruntime 1.32, default blocks of 128):
+- int8: agreement 98.51% (95% Wilson 98.41-98.60%), perplexity +0.03%, mean KL 2.9e-3 nats;
 - int4: agreement 91.74% (91.53-91.95%), perplexity +1.73%, mean KL 2.9e-2 nats.
 The int8 agreement bar is missed: what costs it is onnxruntime's int8 *activations* (accuracy level 4, where the
 speed comes from): the same int8 weights with float32 activations (level 0, 8-bit MatMulNBits then 12-35x
-slower than float32) agree 99.35%, and with the experts dequantized as well 99.47%; blocks of 128 instead of 32
-give 98.51%. As for FP8 (98.15%), the disagreements sit on near-ties of this byte-level model. The agreement test
-stays at the asked bar as a strict xfail stating the measurement.
+slower than float32) agree 99.23% (99.35% in blocks of 32, 99.47% with the experts dequantized as well). Linear
+blocks of 32 would give 98.89% at int8 activations, but decode 1.5x slower (passes/int_quantize.py). As for FP8
+(98.15%), the disagreements sit on near-ties of this byte-level model. The agreement test stays at the asked bar as
+a strict xfail stating the measurement.
 """
 
 from pathlib import Path
@@ -59,12 +60,12 @@ def test_int8_perplexity_and_kl(evaluations):
     m = _metrics(evaluations, "int8")
     assert m["positions"] >= 50_000
     assert abs(m["ppl_change"]) <= 0.005
-    assert m["kl"] <= 5e-3  # measured 1.9e-3
+    assert m["kl"] <= 6e-3  # measured 2.9e-3
 
 
 @pytest.mark.xfail(
     strict=True,
-    reason="measured 98.89% (95% Wilson 98.81-98.97%) with onnxruntime's int8 activations; 99.35% with float32 "
+    reason="measured 98.51% (95% Wilson 98.41-98.60%) with onnxruntime's int8 activations; 99.23% with float32 "
     "activations (too slow to ship): the bar of 99.5% is not met (module docstring)",
 )
 def test_int8_top1_agreement_is_at_least_99_5_percent(evaluations):
