@@ -221,3 +221,20 @@ def test_qmoe_routes_by_itself_with_deepseeks_rule(tmp_path, scoring, method, gr
     want = interpret(graph, feeds)["y"]
     err = float((torch.from_numpy(got) - want).abs().max() / want.abs().max())
     assert err < ENGINE_RTOL, err
+
+
+def test_int8_expert_parallel_equals_single_int8_engine(tiny, tmp_path):
+    """Each rank's expert engines hold its slots' int8 experts (QMoE with the slot-indexed routing); the run
+    equals the single int8 engine within float32 rounding of the cross-rank sum (the same int8 kernels)."""
+    import numpy as np
+    from dsc.runtime.ep import run_expert_parallel
+    from dsc.runtime.generate import generate
+
+    compile_model(tiny, tmp_path / "ep", CompileOptions(quantize="int8", ep_size=2))
+    single = compile_model(tiny, tmp_path / "one.onnx", CompileOptions(quantize="int8"))
+    prompts = [[5, 17, 42, 7, 99, 3], [1, 2, 3, 4, 5, 6]]
+    ep = run_expert_parallel(tmp_path / "ep", 2, prompts, 6, keep_logits=True)
+    ref = generate(OnnxEngine(single.output, threads=1), prompts, 6, keep_logits=True)
+    assert ep.tokens == ref.tokens
+    for a, b in zip(ep.steps_logits, ref.steps_logits, strict=True):
+        assert float(np.abs(a - b).max() / np.abs(b).max()) <= 1e-4
