@@ -50,6 +50,23 @@ def ort_session(
         raise EngineError(f"{path}: onnxruntime cannot load the engine: {str(exc).splitlines()[0]}") from exc
 
 
+# QMoE's router_weights input (int8/int4 experts routed by DeepSeek's rule) first loads in onnxruntime 1.31
+# (1.23.1 through 1.30 reject the model); float32 and FP8 engines need the CPU MoE kernel of 1.23.1.
+MIN_ONNXRUNTIME = {"int8": (1, 31), "int4": (1, 31), None: (1, 23, 1), "fp8": (1, 23, 1)}
+
+
+def check_onnxruntime(manifest: Manifest, path: Path) -> None:
+    import onnxruntime as ort
+
+    have = tuple(int(p) for p in ort.__version__.split(".")[:3] if p.isdigit())
+    need = MIN_ONNXRUNTIME.get(manifest.quantized, MIN_ONNXRUNTIME[None])
+    if have < need:
+        raise EngineError(
+            f"{path}: this {manifest.quantized or 'float'} engine needs onnxruntime >= {'.'.join(map(str, need))} "
+            f"(installed: {ort.__version__}); pip install -U onnxruntime"
+        )
+
+
 class OnnxEngine:
     """An ONNX engine run by onnxruntime (CPU by default; CUDA when onnxruntime-gpu is installed and asked).
 
@@ -62,6 +79,7 @@ class OnnxEngine:
         self.path = path
         self.manifest = read_manifest(path)
         self.cache = self.manifest.cache
+        check_onnxruntime(self.manifest, path)
         self.session = ort_session(path, threads, providers)
         self._outputs = ["logits"] + [c.output for c in self.cache]
 

@@ -238,3 +238,13 @@ def test_int8_expert_parallel_equals_single_int8_engine(tiny, tmp_path):
     assert ep.tokens == ref.tokens
     for a, b in zip(ep.steps_logits, ref.steps_logits, strict=True):
         assert float(np.abs(a - b).max() / np.abs(b).max()) <= 1e-4
+
+
+def test_old_onnxruntime_is_named_not_a_load_failure(tiny, tmp_path, monkeypatch):
+    import onnxruntime as ort
+    from dsc.errors import EngineError
+
+    summary = compile_model(tiny, tmp_path / "e.onnx", CompileOptions(quantize="int4"))
+    monkeypatch.setattr(ort, "__version__", "1.30.0")
+    with pytest.raises(EngineError, match=r"needs onnxruntime >= 1\.31 \(installed: 1\.30\.0\)"):
+        OnnxEngine(summary.output)
