@@ -31,7 +31,8 @@ def single_rank(ckpt: Path, tmp: Path):
 
 def assert_same(ep, ref) -> None:
     assert ep.tokens == ref.tokens
-    for a, b in zip(ep.steps_logits, ref.steps_logits, strict=True):
+    assert ep.prefill_logits.shape == ref.prefill_logits.shape == (*np.shape(PROMPTS), ep.prefill_logits.shape[-1])
+    for a, b in zip([ep.prefill_logits, *ep.steps_logits], [ref.prefill_logits, *ref.steps_logits], strict=True):
         assert float(np.abs(a - b).max() / np.abs(b).max()) <= RTOL
 
 
