@@ -188,6 +188,10 @@ def _worker(rank: int, world: int, port: int, directory: str, job: dict, results
     import torch.distributed as dist
 
     _die_with_parent()
+    if not os.environ.get("DSC_EP_DEBUG"):  # c10d logs failures with C++ stack frames; the parent reports in one line
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
     progress = RankProgress(*progress, rank)
     try:
         torch.set_num_threads(1)
@@ -307,7 +311,7 @@ def _supervise(procs, results, steps, beats, timeout_s: float, on_progress):
     """Read results as they come and watch the ranks until every one has exited; kill the ones that outlive a
     failure by more than the collective timeout. Returns (rank 0's result or None, {rank: one-line error})."""
     outcome, errors, seen = None, {}, [0] * len(procs)
-    failed_at = None
+    launched, failed_at = list(beats), None
     while True:
         try:
             kind, rank, payload = results.get(timeout=0.05)
@@ -334,6 +338,8 @@ def _supervise(procs, results, steps, beats, timeout_s: float, on_progress):
                 stopped = _is_stopped(procs[r].pid)  # it cannot report anything: no grace
                 if now > max(beats[r] + timeout_s, failed_at) + (0.0 if stopped else _GRACE_S):
                     how = "stopped by a signal" if stopped else "hung"
+                    if not stopped and beats[r] == launched[r]:
+                        how = "never joined the process group (starting up, or waiting for a dead rank)"
                     errors.setdefault(r, f"{how}, no progress for {now - beats[r]:.1f} s; killed")
                     procs[r].kill()
     while True:  # what the ranks put just before they exited
