@@ -16,6 +16,7 @@ class Generation:
     prefill_s: float
     decode_s: float
     steps_logits: list[np.ndarray] | None = None  # logits of the last position at each step, when kept
+    prefill_logits: np.ndarray | None = None  # logits of every prompt position [batch, length, vocab], when kept
 
     @property
     def tokens_per_s(self) -> float:
@@ -46,6 +47,7 @@ def generate(
     positions = np.broadcast_to(np.arange(length, dtype=np.int64), (batch, length)).copy()
     logits, past = engine.step(ids, positions, past)
     prefill_s = time.perf_counter() - start
+    prefill_logits = logits.copy() if keep_logits else None
 
     start = time.perf_counter()
     for step in range(max_new_tokens):
@@ -62,4 +64,4 @@ def generate(
         positions = np.full((batch, 1), length + step, dtype=np.int64)
         logits, past = engine.step(nxt[:, None], positions, past)
     decode_s = time.perf_counter() - start
-    return Generation(out, prefill_s, decode_s, kept if keep_logits else None)
+    return Generation(out, prefill_s, decode_s, kept if keep_logits else None, prefill_logits)
