@@ -276,13 +276,14 @@ def manifest_from_graph(graph: Graph, *, backend: str, files: list[Path], **fiel
         )
         for c in graph.cache_entries()
     )
+    groups = weight_groups(graph)
     return Manifest(
         backend=backend,
         config=cfg.to_dict(),
         inputs=tuple(TensorSpec.of(v) for v in graph.inputs),
         outputs=tuple(TensorSpec.of(v) for v in graph.outputs),
         kv_cache=KvCache(form, KV_LAYOUTS[form], kv_bytes_per_token(graph), cache),
-        params=graph.param_count(),
+        params=sum(g["params"] for g in groups),  # model parameters: block scales are not counted
         active_params_per_token=active_params(graph),
         passes=tuple(PassEntry(**r) for r in graph.meta.get("pass_records", ())),
         files=tuple(p.name if p.parent == files[0].parent else str(p.relative_to(files[0].parent)) for p in files),
@@ -290,7 +291,7 @@ def manifest_from_graph(graph: Graph, *, backend: str, files: list[Path], **fiel
         mtp_layers=cfg.num_nextn_predict_layers,
         skipped_tensors=len(graph.meta.get("skipped_keys", ())),
         quantized=_quantized(graph),
-        weights=tuple(WeightGroup(**g) for g in weight_groups(graph)),
+        weights=tuple(WeightGroup(**g) for g in groups),
         **fields,
     )
 
