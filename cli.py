@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -49,8 +53,15 @@ def _pass_option(text: str) -> tuple[str, str, str]:
     return name, key, value
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, except that a bad flag is one line on stderr (the usage block is what --help is for)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="dsc",
         description="dsc compiles DeepSeek-V2/V3-style Mixture-of-Experts checkpoints into optimized engines "
         "(ONNX for onnxruntime, TensorRT plans) and runs them.",
@@ -433,16 +444,55 @@ COMMANDS = {
 }
 
 
+# Signals that end a command early: each raises Interrupted where Python is running, the partial outputs are
+# removed on the way out (atomic_output, the engine writers) and dsc exits with 128 + the signal's number
+# (130 SIGINT, 143 SIGTERM, 129 SIGHUP), as a shell reports a process the signal killed.
+STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
+
+
+def _raise_interrupted(signum: int, _frame) -> None:
+    from dsc.errors import Interrupted
+
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def _stop_signals_raise() -> Iterator[None]:
+    """Install the handlers for the command's duration (and restore the caller's: tests run main in-process)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {}
+    for name in STOP_SIGNALS:
+        if hasattr(signal, name):
+            num = getattr(signal, name)
+            saved[num] = signal.signal(num, _raise_interrupted)
+    try:
+        yield
+    finally:
+        for num, handler in saved.items():
+            signal.signal(num, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from dsc.errors import Interrupted
+
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a bad flag (already reported): an exit code, in-process too
+        return exc.code if isinstance(exc.code, int) else 2
     _setup_logging(getattr(args, "quiet", False))
     try:
-        return COMMANDS[args.command](args)
+        with _stop_signals_raise():
+            return COMMANDS[args.command](args)
     except DscError as exc:
         print(f"dsc: error: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as exc:
+        print(f"dsc: interrupted by {exc}; partial outputs removed", file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt:
-        print("dsc: interrupted", file=sys.stderr)
+        print("dsc: interrupted by SIGINT; partial outputs removed", file=sys.stderr)
         return 130
 
 
