@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from dsc.errors import CheckpointError
-from dsc.frontends.config import ModelConfig, load_config
+from dsc.frontends.config import ModelConfig, defaults_used, load_config
 
 # safetensors dtype names; all little-endian on disk, as torch stores them on the hosts we run on
 _DTYPES = {
@@ -39,6 +39,8 @@ _DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+_WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.float8_e4m3fn)
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _DEFAULT_FP8_BLOCK = (128, 128)  # DeepSeek's, when config.json has no quantization_config (DESIGN.md §5)
@@ -146,6 +148,7 @@ class Checkpoint:
         self.files = files
         self.skipped_keys = skipped_keys  # MTP layers (index >= num_hidden_layers), not compiled
         self._tensors = tensors
+        self.defaulted: dict[str, object] = {}  # config.json fields left out, filled with transformers' defaults
         tok = root / "tokenizer.json"
         self.tokenizer_path: Path | None = tok if tok.is_file() else None
 
@@ -190,7 +193,12 @@ class Checkpoint:
         skipped = sorted(k for k in tensors if (m := _LAYER.match(k)) and int(m.group(1)) >= config.num_hidden_layers)
         for k in skipped:
             del tensors[k]
-        return cls(root, config, tensors, files, skipped)
+        ckpt = cls(root, config, tensors, files, skipped)
+        try:
+            ckpt.defaulted = defaults_used(json.loads((root / "config.json").read_bytes()))
+        except (OSError, ValueError):
+            pass  # load_config read it a moment ago; only the hint is lost
+        return ckpt
 
     def keys(self) -> list[str]:
         return sorted(self._tensors)
@@ -207,8 +215,15 @@ class Checkpoint:
         """The tensor's info after checking it exists with ``shape`` (and, for FP8, that its block scales do)."""
         info = self.info(key)
         if info.shape != tuple(shape):
+            defaulted = ", ".join(f"{k} (default {v})" for k, v in self.defaulted.items())
             raise CheckpointError(
                 f"{info.file}: tensor '{key}' has shape {list(info.shape)}, expected {list(shape)} from config.json"
+                + (f", which omits {defaulted}" if defaulted else "")
+            )
+        if info.dtype not in _WEIGHT_DTYPES:  # an integer tensor would be read as float and run as garbage
+            raise CheckpointError(
+                f"{info.file}: tensor '{key}' has dtype {_DTYPE_NAMES[info.dtype]}, expected a float weight "
+                "(F32, BF16, F16, F64, or F8_E4M3 with block scales)"
             )
         if self.is_fp8(key):
             self._scale_info(key)
@@ -274,6 +289,10 @@ class Checkpoint:
         if not self.has(scale_key):
             raise CheckpointError(f"{info.file}: FP8 tensor '{key}' has no block scales '{scale_key}' beside it")
         scale = self.info(scale_key)
+        if scale.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            raise CheckpointError(
+                f"{scale.file}: tensor '{scale_key}' has dtype {_DTYPE_NAMES[scale.dtype]}, expected float block scales"
+            )
         bo, bi = self.fp8_block_size or _DEFAULT_FP8_BLOCK
         want = (-(-info.shape[0] // bo), -(-info.shape[1] // bi)) if len(info.shape) == 2 else None
         if scale.shape != want:
