@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-from dsc.engine_format import CacheTensor, Manifest, read_manifest
+from dsc.engine_format import CacheTensor, Manifest, check_files, read_manifest
 from dsc.errors import EngineError
 
 
@@ -61,6 +61,7 @@ class OnnxEngine:
     def __init__(self, path: Path, *, threads: int | None = None, providers: list[str] | None = None) -> None:
         self.path = path
         self.manifest = read_manifest(path)
+        check_files(self.manifest, path)
         self.cache = self.manifest.cache
         self.session = ort_session(path, threads, providers)
         self._outputs = ["logits"] + [c.output for c in self.cache]
