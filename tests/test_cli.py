@@ -359,3 +359,46 @@ def test_profile_library_call_checks_ids(tiny):
 
     with pytest.raises(DscError, match="token id -1 is outside the vocabulary"):
         profile_expert_load(tiny, [[1, 2], [-1]])
+
+
+@pytest.mark.parametrize(
+    ("change", "needles"),
+    [
+        ({"num_attention_heads": 0}, ["num_attention_heads", ">= 1"]),
+        ({"hidden_size": -4}, ["hidden_size"]),
+        ({"vocab_size": "256"}, ["vocab_size", "integer"]),
+        ({"n_group": 3}, ["n_group"]),
+        ({"num_experts_per_tok": 9}, ["num_experts_per_tok", "n_routed_experts"]),
+        ({"rope_theta": float("inf")}, ["rope_theta", "finite"]),
+        ({"routed_scaling_factor": float("nan")}, ["routed_scaling_factor"]),
+        ({"kv_lora_rank": None}, ["kv_lora_rank", "null"]),
+        ({"kv_lora_rank": ...}, ["kv_a_proj_with_mqa", "omits kv_lora_rank (default 512)"]),
+    ],
+)
+def test_config_inconsistencies_name_the_key(broken, tmp_path, capsys, change, needles):
+    config = json.loads((broken / "config.json").read_text())
+    for key, value in change.items():
+        if value is ...:
+            del config[key]
+        else:
+            config[key] = value
+    (broken / "config.json").write_text(json.dumps(config))
+    code, _, err = run_cli(capsys, "compile", str(broken), "-o", str(tmp_path / "out.onnx"), "-q")
+    assert_clean_failure(code, err, tmp_path, "config.json", *needles)
+
+
+def test_engine_with_a_changed_byte_or_bad_manifest_is_refused(tiny, tmp_path, capsys):
+    engine = tmp_path / "e.onnx"
+    assert run_cli(capsys, "compile", str(tiny), "-o", str(engine), "-q")[0] == 0
+    manifest = tmp_path / "e.manifest.json"
+    good = manifest.read_text()
+    for key, value in [("checksum", None), ("files", ["../e.onnx"]), ("config", {"model_type": "llama"})]:
+        manifest.write_text(json.dumps(dict(json.loads(good), **{key: value})))
+        code, _, err = run_cli(capsys, "run", str(engine), "--prompt-ids", "1,2")
+        assert code == 2 and len(err.splitlines()) == 1 and "e.manifest.json" in err, err
+    manifest.write_text(good)
+    data = bytearray(engine.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    engine.write_bytes(bytes(data))
+    code, _, err = run_cli(capsys, "run", str(engine), "--prompt-ids", "1,2")
+    assert code == 2 and "checksum mismatch" in err and len(err.splitlines()) == 1, err
