@@ -402,3 +402,65 @@ def test_engine_with_a_changed_byte_or_bad_manifest_is_refused(tiny, tmp_path, c
     engine.write_bytes(bytes(data))
     code, _, err = run_cli(capsys, "run", str(engine), "--prompt-ids", "1,2")
     assert code == 2 and "checksum mismatch" in err and len(err.splitlines()) == 1, err
+
+
+def _fp8_roundtrip_error(w: torch.Tensor, block: int = 128) -> float:
+    """Relative Frobenius error of DeepSeek FP8 (e4m3, amax/448 scale per block x block tile), written out here
+    from DESIGN.md §5 rather than taken from dsc."""
+    w = w.double()
+    restored = torch.empty_like(w)
+    for r in range(0, w.shape[0], block):
+        for c in range(0, w.shape[1], block):
+            tile = w[r : r + block, c : c + block]
+            scale = float(tile.abs().max()) / 448.0 or 1.0
+            restored[r : r + block, c : c + block] = (tile / scale).float().to(torch.float8_e4m3fn).double() * scale
+    return float((restored - w).norm() / w.norm())
+
+
+def test_report_numbers_match_an_independent_computation(tmp_path, capsys):
+    """--report's per-layer FP8 errors against the checkpoint's weights quantized here, and its calibration line
+    against transformers' logits and the engine's: numbers compared, not substrings."""
+    import re
+
+    import numpy as np
+    from dsc.runtime.engine import OnnxEngine
+    from hf_reference import load_hf_model
+
+    ckpt = make_model("tiny", tmp_path / "ckpt", seed=2)
+    prompts = [[1, 2, 3, 4, 5], [6, 7, 8]]
+    (tmp_path / "prompts.txt").write_text("\n".join(",".join(map(str, p)) for p in prompts) + "\n")
+    engine = tmp_path / "q.onnx"
+    argv = ["compile", str(ckpt), "-o", str(engine), "--passes", "fp8-quantize", "--report"]
+    code, _, err = run_cli(capsys, *argv, "--calibration-prompts", str(tmp_path / "prompts.txt"))
+    assert code == 0, err
+
+    reported = {}
+    for m in re.finditer(r"^\s+layer (\d+) fp8 e4m3, 128x128 block scales\s+(\d+)\s+([\d.]+)%\s+([\d.]+)%$", err, re.M):
+        reported[int(m[1])] = (int(m[2]), float(m[3]) / 100, float(m[4]) / 100)
+    weights = load_file(ckpt / "model.safetensors")
+    mine: dict[int, list[float]] = {}
+    for key, w in weights.items():
+        m = re.match(r"model\.layers\.(\d+)\..*\.weight$", key)
+        if m and w.dim() == 2 and ".mlp.gate." not in key:  # the router stays float32
+            mine.setdefault(int(m[1]), []).append(_fp8_roundtrip_error(w))
+    assert sorted(reported) == sorted(mine) == [0, 1, 2], err
+    for layer, errs in mine.items():
+        count, mean, worst = reported[layer]
+        assert count == len(errs)
+        assert mean == pytest.approx(np.mean(errs), abs=1e-6)  # printed with 4 decimals of a percent
+        assert worst == pytest.approx(max(errs), abs=1e-6)
+
+    m = re.search(r"(\d+) calibration prompts: max relative logit error ([\d.e+-]+), top-1 agreement ([\d.]+)%", err)
+    assert m, err
+    model, eng = load_hf_model(ckpt), OnnxEngine(engine)
+    rel, agree = [], []
+    for ids in prompts:
+        with torch.no_grad():
+            want = model(torch.tensor([ids])).logits.numpy()
+        pos = np.arange(len(ids))[None]
+        got, _ = eng.step(np.asarray([ids]), pos, [c.empty(1) for c in eng.cache])
+        rel.append(np.abs(got - want).max() / np.abs(want).max())
+        agree.extend((got.argmax(-1) == want.argmax(-1)).reshape(-1))
+    assert int(m[1]) == len(prompts)
+    assert float(m[2]) == pytest.approx(max(rel), rel=0.01)  # printed with 3 significant digits
+    assert float(m[3]) / 100 == pytest.approx(np.mean(agree), abs=5e-5)
