@@ -153,6 +153,13 @@ def compile_model(model: str | Path, output: str | Path, options: CompileOptions
         )
     backend = make_backend(output, options)
     check_writable_dir(output)
+    if options.dump_ir_dir is not None:  # a debugging aid, kept when the compile fails later
+        try:
+            Path(options.dump_ir_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CompileError(
+                f"{options.dump_ir_dir}: cannot create the --dump-ir-dir directory: {exc.strerror}"
+            ) from None
     pm = make_pass_manager(options, quantize_mode(options, backend, has_fp8=False))  # checked before any work
     # every input is checked before any work: the checkpoint's headers and config.json, then the prompts
     # against its vocabulary, then tracing

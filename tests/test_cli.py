@@ -464,3 +464,12 @@ def test_report_numbers_match_an_independent_computation(tmp_path, capsys):
     assert int(m[1]) == len(prompts)
     assert float(m[2]) == pytest.approx(max(rel), rel=0.01)  # printed with 3 significant digits
     assert float(m[3]) / 100 == pytest.approx(np.mean(agree), abs=5e-5)
+
+
+def test_dump_ir_dir_that_cannot_be_created(tiny, tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    for bad in ("/proc/dsc-ir", str(tmp_path / "afile")):
+        code, _, err = run_cli(
+            capsys, "compile", str(tiny), "-o", str(tmp_path / "out.onnx"), "-q", "--dump-ir-dir", bad
+        )
+        assert_clean_failure(code, err, tmp_path, bad, "--dump-ir-dir")
