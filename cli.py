@@ -474,6 +474,12 @@ def _stop_signals_raise() -> Iterator[None]:
             signal.signal(num, handler)
 
 
+def _one_line(text: str) -> str:
+    """Messages quote names from the user's files; a newline or control character there (a shard named
+    '\x1e' splits lines too) is shown escaped, so an error is always one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def main(argv: list[str] | None = None) -> int:
     from dsc.errors import Interrupted
 
@@ -486,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
         with _stop_signals_raise():
             return COMMANDS[args.command](args)
     except DscError as exc:
-        print(f"dsc: error: {exc}", file=sys.stderr)
+        print(f"dsc: error: {_one_line(str(exc))}", file=sys.stderr)
         return 2
     except Interrupted as exc:
         print(f"dsc: interrupted by {exc}; partial outputs removed", file=sys.stderr)

@@ -473,3 +473,16 @@ def test_dump_ir_dir_that_cannot_be_created(tiny, tmp_path, capsys):
             capsys, "compile", str(tiny), "-o", str(tmp_path / "out.onnx"), "-q", "--dump-ir-dir", bad
         )
         assert_clean_failure(code, err, tmp_path, bad, "--dump-ir-dir")
+
+
+def test_control_characters_in_names_keep_the_error_on_one_line(tmp_path, capsys):
+    """Found by tests/test_fuzz_inputs.py: a shard named '\\x1e' split the error in two (str.splitlines)."""
+    ckpt = make_model("tiny", tmp_path / "ckpt", seed=1, shards=2)
+    index = ckpt / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    key = sorted(data["weight_map"])[0]
+    for name in ("\x1e", "a\nb"):
+        data["weight_map"][key] = name
+        index.write_text(json.dumps(data))
+        code, _, err = run_cli(capsys, "compile", str(ckpt), "-o", str(tmp_path / "out.onnx"), "-q")
+        assert code == 2 and len(err.splitlines()) == 1 and repr(name)[1:-1] in err, err
