@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -49,8 +53,15 @@ def _pass_option(text: str) -> tuple[str, str, str]:
     return name, key, value
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, except that a bad flag is one line on stderr (the usage block is what --help is for)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="dsc",
         description="dsc compiles DeepSeek-V2/V3-style Mixture-of-Experts checkpoints into optimized engines "
         "(ONNX for onnxruntime, TensorRT plans) and runs them.",
@@ -194,6 +205,11 @@ def _add_inspect(sub) -> None:
     i = sub.add_parser("inspect", help="summarize a checkpoint, config.json or engine")
     i.add_argument("path", type=Path)
     i.add_argument("--json", action="store_true", help="machine-readable output")
+    i.add_argument(
+        "--check",
+        action="store_true",
+        help="engines: hash the files against the manifest's sha256 (loads do it only up to 2 GB); exit 2 on mismatch",
+    )
 
 
 def _add_verify(sub) -> None:
@@ -352,8 +368,16 @@ def cmd_run(a: argparse.Namespace) -> int:
 def cmd_inspect(a: argparse.Namespace) -> int:
     from dsc.commands.inspect import inspect_path
 
+    if a.check:
+        from dsc.engine_format import check_files, read_manifest
+
+        check_files(read_manifest(a.path), a.path, full=True)
     info, text = inspect_path(a.path)
-    print(json.dumps(info, indent=2, sort_keys=True) if a.json else text)
+    print(
+        json.dumps(info, indent=2, sort_keys=True)
+        if a.json
+        else text + ("\n  files         sha256 checked" if a.check else "")
+    )
     return 0
 
 
@@ -433,16 +457,61 @@ COMMANDS = {
 }
 
 
+# Signals that end a command early: each raises Interrupted where Python is running, the partial outputs are
+# removed on the way out (atomic_output, the engine writers) and dsc exits with 128 + the signal's number
+# (130 SIGINT, 143 SIGTERM, 129 SIGHUP), as a shell reports a process the signal killed.
+STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
+
+
+def _raise_interrupted(signum: int, _frame) -> None:
+    from dsc.errors import Interrupted
+
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def _stop_signals_raise() -> Iterator[None]:
+    """Install the handlers for the command's duration (and restore the caller's: tests run main in-process)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {}
+    for name in STOP_SIGNALS:
+        if hasattr(signal, name):
+            num = getattr(signal, name)
+            saved[num] = signal.signal(num, _raise_interrupted)
+    try:
+        yield
+    finally:
+        for num, handler in saved.items():
+            signal.signal(num, handler)
+
+
+def _one_line(text: str) -> str:
+    """Messages quote names from the user's files; a newline or control character there (a shard named
+    '\x1e' splits lines too) is shown escaped, so an error is always one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from dsc.errors import Interrupted
+
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a bad flag (already reported): an exit code, in-process too
+        return exc.code if isinstance(exc.code, int) else 2
     _setup_logging(getattr(args, "quiet", False))
     try:
-        return COMMANDS[args.command](args)
+        with _stop_signals_raise():
+            return COMMANDS[args.command](args)
     except DscError as exc:
-        print(f"dsc: error: {exc}", file=sys.stderr)
+        print(f"dsc: error: {_one_line(str(exc))}", file=sys.stderr)
         return 2
+    except Interrupted as exc:
+        print(f"dsc: interrupted by {exc}; partial outputs removed", file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt:
-        print("dsc: interrupted", file=sys.stderr)
+        print("dsc: interrupted by SIGINT; partial outputs removed", file=sys.stderr)
         return 130
 
 

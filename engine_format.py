@@ -178,9 +178,22 @@ class Manifest:
                 "(recompile the engine)"
             )
         try:
-            return _build(cls, data)
+            manifest = _build(cls, data)
         except (KeyError, TypeError, ValueError) as exc:
             raise EngineError(f"{source}: malformed manifest ({type(exc).__name__}: {exc})") from None
+        from dsc.errors import ConfigError
+        from dsc.frontends.config import config_from_dict
+
+        try:  # the runtime reads the model's shape from here: it must be a config dsc accepts
+            config_from_dict(dict(manifest.config), f"{source}: config")
+        except ConfigError as exc:
+            raise EngineError(str(exc)) from None
+        if not manifest.files:
+            raise EngineError(f"{source}: malformed manifest (no engine files listed)")
+        for name in (*manifest.files, *([manifest.tokenizer] if manifest.tokenizer else [])):
+            if not name or Path(name).is_absolute() or ".." in Path(name).parts:
+                raise EngineError(f"{source}: malformed manifest (file name '{name}' leaves the engine's directory)")
+        return manifest
 
 
 def _plain(x: Any) -> Any:
@@ -219,17 +232,34 @@ _NESTED = {
 }
 
 
+_PLAIN = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,)}
+
+
 def _field(annotation: str, value: Any, placement_cls: type) -> Any:
+    """``value`` as the annotated type; TypeError (a malformed manifest) when the JSON has another kind."""
+    alternatives = annotation.split(" | ")
     if value is None:
+        if "None" not in alternatives and annotation != "Any":
+            raise TypeError(f"null where {annotation} belongs")
         return None
-    head = annotation.split(" | ")[0]
+    head = alternatives[0]
     if head == "Placement":
         return placement_cls.from_json(value)
     if head in _NESTED:
+        if not isinstance(value, dict):
+            raise TypeError(f"{head} must be an object, got {json.dumps(value)[:60]}")
         return _build(_NESTED[head], value)
     if head.startswith("tuple["):
+        if not isinstance(value, list):
+            raise TypeError(f"expected a list for {head}, got {json.dumps(value)[:60]}")
         inner = head[len("tuple[") : -1].split(", ")[0]
         return tuple(_field(inner, v, placement_cls) for v in value)
+    if head.startswith("dict[") and not isinstance(value, dict):
+        raise TypeError(f"expected an object for {head}, got {json.dumps(value)[:60]}")
+    if all(a in _PLAIN or a == "None" for a in alternatives):
+        kinds = tuple(k for a in alternatives if a != "None" for k in _PLAIN[a])
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            raise TypeError(f"expected {annotation}, got {json.dumps(value)[:60]}")
     return value
 
 
@@ -256,6 +286,33 @@ def read_manifest(engine: Path) -> Manifest:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise EngineError(f"{path}: unreadable manifest: {exc}") from exc
     return Manifest.from_json(data, path)
+
+
+# Engines up to this size are hashed at every load (0.98 s for the bench preset's 432 MB engine on 2 busy
+# cores); past it, hashing would cost more than loading (minutes for a DeepSeek-V3-sized engine), so loads only
+# check that the files exist and ``dsc inspect --check`` hashes them.
+CHECKSUM_AT_LOAD_BYTES = 2 << 30
+
+
+def check_files(manifest: Manifest, engine: Path, *, full: bool | None = None) -> None:
+    """The engine's files exist and (``full``, default: when they total at most CHECKSUM_AT_LOAD_BYTES) hash to
+    the manifest's checksum: a flipped byte in a weight would otherwise run and print garbage."""
+    engine = Path(engine)
+    root = engine if manifest.expert_parallel is not None else engine.parent
+    files = [root / f for f in manifest.files]
+    for f in files:
+        if not f.is_file():
+            raise EngineError(f"{f}: engine file named by the manifest is missing")
+    if full is None:
+        full = sum(f.stat().st_size for f in files) <= CHECKSUM_AT_LOAD_BYTES
+    if not full:
+        return
+    try:
+        digest = sha256_files(files)
+    except OSError as exc:
+        raise EngineError(f"{engine}: cannot read the engine: {exc.strerror or exc}") from exc
+    if digest != manifest.checksum:
+        raise EngineError(f"{engine}: checksum mismatch: the engine files changed since dsc compile wrote them")
 
 
 def write_manifest(manifest: Manifest, path: Path) -> None:

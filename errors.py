@@ -19,3 +19,14 @@ class CompileError(DscError):
 
 class EngineError(DscError):
     """An engine file is missing, corrupt or does not match its manifest."""
+
+
+class Interrupted(BaseException):
+    """SIGINT, SIGTERM or SIGHUP arrived. A BaseException, like KeyboardInterrupt, so that ``except Exception``
+    does not swallow it and every ``except BaseException`` cleanup (atomic outputs, engine directories) runs."""
+
+    def __init__(self, signum: int) -> None:
+        import signal
+
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +20,14 @@ def check_writable_dir(path: Path) -> None:
         raise CompileError(f"{parent}: output directory is not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise CompileError(f"{parent}: output directory is not writable")
+    # os.access says yes to root everywhere; creating a file is the test that holds for every user and file
+    # system (read-only mounts, /proc)
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.probe-", dir=parent)
+    except OSError as exc:
+        raise CompileError(f"{parent}: output directory is not writable ({exc.strerror or exc})") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 @contextlib.contextmanager
@@ -32,9 +41,11 @@ def atomic_output(path: Path) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        if isinstance(exc, OSError):  # disk full, quota, a file system gone read-only: the user's to fix
+            raise CompileError(f"{path}: cannot write: {exc.strerror or exc}") from exc
         raise
 
 

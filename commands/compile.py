@@ -17,7 +17,7 @@ from dsc.ir.graph import Graph
 from dsc.ir.types import DType
 from dsc.passes.manager import PassManager
 from dsc.passes.pipeline import build_pipeline
-from dsc.prompts import check_ids, read_prompt_file
+from dsc.prompts import read_prompt_file
 
 log = logging.getLogger("dsc")
 QUANTIZE = ("auto", "int8", "int4", "fp8", "none")
@@ -139,7 +139,8 @@ def make_pass_manager(options: CompileOptions, quantize: str | None = None) -> P
 
 
 def compile_model(model: str | Path, output: str | Path, options: CompileOptions | None = None) -> CompileSummary:
-    from dsc.frontends.loader import load_graph
+    from dsc.frontends.checkpoint import Checkpoint
+    from dsc.frontends.loader import trace_checkpoint
 
     options = options or CompileOptions()
     output = Path(output)
@@ -152,10 +153,20 @@ def compile_model(model: str | Path, output: str | Path, options: CompileOptions
         )
     backend = make_backend(output, options)
     check_writable_dir(output)
+    if options.dump_ir_dir is not None:  # a debugging aid, kept when the compile fails later
+        try:
+            Path(options.dump_ir_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CompileError(
+                f"{options.dump_ir_dir}: cannot create the --dump-ir-dir directory: {exc.strerror}"
+            ) from None
     pm = make_pass_manager(options, quantize_mode(options, backend, has_fp8=False))  # checked before any work
+    # every input is checked before any work: the checkpoint's headers and config.json, then the prompts
+    # against its vocabulary, then tracing
+    checkpoint = Checkpoint.open(model)
     prompts = None
-    if options.calibration_prompts is not None:  # read before any work: a bad file must not cost a compile
-        prompts = read_prompt_file(options.calibration_prompts)
+    if options.calibration_prompts is not None:
+        prompts = read_prompt_file(options.calibration_prompts, checkpoint.config.vocab_size, checkpoint.tokenizer_path)
     baseline = current_rss_bytes()
     stages: dict[str, float] = {}
 
@@ -167,9 +178,7 @@ def compile_model(model: str | Path, output: str | Path, options: CompileOptions
 
     t = time.perf_counter()
     log.info(f"[1/4] reading {model}")
-    checkpoint, graph = load_graph(model, keep_fp8=options.quantize != "none")
-    if prompts is not None:
-        check_ids(prompts, checkpoint.config.vocab_size, str(options.calibration_prompts))
+    checkpoint, graph = trace_checkpoint(checkpoint, keep_fp8=options.quantize != "none")
     unquantized = graph
     mode = quantize_mode(
         options, backend, has_fp8=any(w.value.type.dtype == DType.F8E4M3 for w in graph.weights.values())
@@ -193,12 +202,29 @@ def compile_model(model: str | Path, output: str | Path, options: CompileOptions
     manifest = backend.write(graph, output)
     stage("write", t)
     peak = peak_rss_bytes()  # before the report, which runs the model
-    if options.report:
-        _report(graph, unquantized, output, prompts)
     summary = CompileSummary(output, manifest, stages, len(graph.nodes), 0, 0, peak, baseline)
+    if options.report:
+        try:
+            _report(graph, unquantized, output, prompts)
+        except BaseException:  # a failed or interrupted compile leaves no engine behind, even a complete one
+            remove_engine(summary)
+            raise
     summary.engine_bytes = sum(p.stat().st_size for p in summary.files)
     summary.checkpoint_bytes = sum(p.stat().st_size for p in checkpoint.files)
     return summary
+
+
+def remove_engine(summary: CompileSummary) -> None:
+    import shutil
+
+    from dsc.engine_format import manifest_path
+
+    if summary.manifest.expert_parallel is not None:
+        shutil.rmtree(summary.output, ignore_errors=True)
+        return
+    extra = [summary.output.parent / summary.manifest.tokenizer] if summary.manifest.tokenizer else []
+    for p in [*summary.files, *extra, manifest_path(summary.output)]:
+        p.unlink(missing_ok=True)
 
 
 def _report(graph: Graph, unquantized: Graph, output: Path, prompts: list[list[int]] | None) -> None:

@@ -20,11 +20,15 @@ log = logging.getLogger("dsc")
 
 
 def profile_expert_load(model: Path, prompts: list[list[int]]) -> dict:
-    from dsc.frontends.loader import load_graph
+    from dsc.frontends.checkpoint import Checkpoint
+    from dsc.frontends.loader import trace_checkpoint
     from dsc.frontends.trace import empty_cache
     from dsc.ir.interpreter import Interpreter
+    from dsc.prompts import check_ids
 
-    checkpoint, graph = load_graph(model)
+    checkpoint = Checkpoint.open(model)
+    check_ids(prompts, checkpoint.config.vocab_size, "prompts")  # before tracing: a bad id must not cost a run
+    checkpoint, graph = trace_checkpoint(checkpoint)
     routes = [n for n in graph.nodes if n.op == Op.MOE_ROUTE]
     if not routes:
         raise DscError(f"{model}: the model has no MoE layers to profile")

@@ -52,20 +52,24 @@ def compare_logits(engine_logits: np.ndarray, ref_logits: np.ndarray) -> tuple[f
 
 
 def verify_engine(model: Path, engine_path: Path, *, prompt: Sequence[int] | None, steps: int, seed: int = 0):
-    from dsc.frontends.loader import load_graph
+    from dsc.engine_format import read_manifest
+    from dsc.frontends.checkpoint import Checkpoint
+    from dsc.frontends.loader import trace_checkpoint
     from dsc.frontends.trace import empty_cache
     from dsc.ir.interpreter import Interpreter
     from dsc.prompts import check_ids
     from dsc.runtime.engine import load_engine
 
-    engine = load_engine(engine_path)
-    checkpoint, graph = load_graph(model)
+    # the inputs first (headers, config.json, manifest, prompt), then the work (engine session, tracing)
+    checkpoint = Checkpoint.open(model)
     cfg = checkpoint.config
-    if engine.manifest.config != cfg.to_dict():
+    if read_manifest(engine_path).config != cfg.to_dict():
         raise DscError(f"{engine_path}: the engine was compiled from a model with a different config than {model}")
     if prompt is None:
         prompt = torch.randint(0, cfg.vocab_size, (16,), generator=torch.Generator().manual_seed(seed)).tolist()
     check_ids([prompt], cfg.vocab_size, "--prompt-ids")
+    engine = load_engine(engine_path)
+    checkpoint, graph = trace_checkpoint(checkpoint)
     ref = Interpreter(graph)
     ref_past = empty_cache(graph, 1)
     eng_past = [c.empty(1) for c in engine.cache]

@@ -206,8 +206,8 @@ class _Fields:
 
     def number(self, name: str, *, positive: bool = False) -> float:
         v = self.get(name)
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise self.fail(f"'{name}' must be a number, got {json.dumps(v)}")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise self.fail(f"'{name}' must be a finite number, got {json.dumps(v)}")
         if positive and not v > 0:
             raise self.fail(f"'{name}' must be > 0, got {v}")
         return float(v)
@@ -407,6 +407,32 @@ def _check(c: ModelConfig, source: str) -> None:
         f"num_experts_per_tok {c.num_experts_per_tok} exceeds the {c.topk_group * per_group} experts "
         f"of the topk_group {c.topk_group} groups kept",
     )
+
+
+# the fields that set tensor shapes
+_SHAPE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "moe_intermediate_size",
+    "num_attention_heads",
+    "q_lora_rank",
+    "kv_lora_rank",
+    "qk_nope_head_dim",
+    "qk_rope_head_dim",
+    "v_head_dim",
+    "n_routed_experts",
+    "n_shared_experts",
+)
+
+
+def defaults_used(raw: Any) -> dict[str, Any]:
+    """The fields config.json leaves out that took transformers' defaults (named when a tensor's shape then
+    disagrees: a config that omits kv_lora_rank gets 512, which the checkpoint's tensors show to be wrong)."""
+    if not isinstance(raw, dict) or raw.get("model_type") not in _DEFAULTS:
+        return {}
+    defaults = _DEFAULTS[raw["model_type"]]
+    return {k: defaults[k] for k in _SHAPE_FIELDS if k not in raw and defaults.get(k) is not None}
 
 
 def load_config(path: str | Path) -> ModelConfig:

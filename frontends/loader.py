@@ -49,7 +49,11 @@ def weight_provider(checkpoint: Checkpoint, keep_fp8: bool = True) -> WeightProv
 def load_graph(path: str | Path, *, keep_fp8: bool = True) -> tuple[Checkpoint, Graph]:
     """Open a checkpoint (file, directory or index) and trace it into the IR (float32, and FP8 where the
     checkpoint stores FP8 and ``keep_fp8`` is on)."""
-    checkpoint = Checkpoint.open(path)
+    return trace_checkpoint(Checkpoint.open(path), keep_fp8=keep_fp8)
+
+
+def trace_checkpoint(checkpoint: Checkpoint, *, keep_fp8: bool = True) -> tuple[Checkpoint, Graph]:
+    """``load_graph`` for a checkpoint already open (its config read, e.g. to check inputs before tracing)."""
     provider = weight_provider(checkpoint, keep_fp8)
     graph = trace_model(checkpoint.config, provider, name=checkpoint.config.model_type)
     graph.meta["skipped_keys"] = list(checkpoint.skipped_keys)

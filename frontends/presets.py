@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 import struct
 import zlib
 from collections.abc import Callable, Mapping
@@ -273,7 +274,20 @@ def make_model(
     if shards > len(groups):
         raise DscError(f"shards {shards} exceeds the {len(groups)} weights of this model")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_checkpoint(out, raw, groups, shards, progress)
+    except BaseException as exc:
+        if created:  # never leave half a checkpoint behind
+            shutil.rmtree(out, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise DscError(f"{out}: cannot write the checkpoint: {exc.strerror or exc}") from exc
+        raise
+    return out
+
+
+def _write_checkpoint(out: Path, raw: dict, groups: list[dict], shards: int, progress) -> None:
     weight_map: dict[str, str] = {}
     total = 0
     for k, chunk in enumerate(_split(groups, shards), start=1):
@@ -287,7 +301,6 @@ def make_model(
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     (out / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
-    return out
 
 
 def _plan(cfg: ModelConfig, seed: int, dtype: torch.dtype, fp8: bool, lm_head_scale: float) -> list[dict]:

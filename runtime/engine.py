@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-from dsc.engine_format import CacheTensor, Manifest, read_manifest
+from dsc.engine_format import CacheTensor, Manifest, check_files, read_manifest
 from dsc.errors import EngineError
 
 
@@ -78,6 +78,7 @@ class OnnxEngine:
     def __init__(self, path: Path, *, threads: int | None = None, providers: list[str] | None = None) -> None:
         self.path = path
         self.manifest = read_manifest(path)
+        check_files(self.manifest, path)
         self.cache = self.manifest.cache
         check_onnxruntime(self.manifest, path)
         self.session = ort_session(path, threads, providers)

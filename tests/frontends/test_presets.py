@@ -108,7 +108,8 @@ def test_fp8_weights_dequantize_close_to_fp32(tiny, tiny_fp8):
 
 
 def test_fp8_checkpoint_loads_in_transformers(tiny_fp8, tmp_path):
-    pytest.importorskip("accelerate")  # transformers' FP8 loader needs it (on CPU it dequantizes on load)
+    import accelerate  # noqa: F401  transformers' FP8 loader needs it (on CPU it dequantizes on load); a test extra
+
     fp8 = read_all(tiny_fp8)
     deq = {k: dequantize_fp8(t, fp8[k + "_scale_inv"]) if k + "_scale_inv" in fp8 else t for k, t in fp8.items()}
     (tmp_path / "deq").mkdir()
