@@ -14,50 +14,18 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from dsc.ir.graph import Graph, Node, Op, Value, Weight, WeightSource
+from dsc.ir.graph import Graph, Node, Op, Value, Weight
 from dsc.ir.ops import block_scale_shape, dequantize, quantize_fp8
 from dsc.ir.types import DType
-from dsc.passes.base import PassResult, QuantizedWeight
+from dsc.passes.base import PassResult, Quantized, QuantizedPart, QuantizedWeight
 
 KEEP_HIGH_PRECISION = ("model.embed_tokens.weight", "lm_head.weight")
 FORMAT = "fp8 e4m3, 128x128 block scales"
 
 
-def _restore(halves: Fp8Halves) -> torch.Tensor:
+def _restore(halves: Quantized) -> torch.Tensor:
     values, scales = quantize_fp8(halves.source.load())
     return dequantize(values, scales)
-
-
-class Fp8Halves:
-    """A weight's FP8 quantization, computed once however its two halves (values, scales) are read: the half
-    not yet read is kept until it is (scales are ~1/16384 of the weight, and the writer reads values first)."""
-
-    __slots__ = ("source", "_pending")
-
-    def __init__(self, source: WeightSource) -> None:
-        self.source = source
-        self._pending: dict[int, torch.Tensor] = {}
-
-    def part(self, index: int) -> torch.Tensor:
-        if index in self._pending:
-            return self._pending.pop(index)
-        values, scales = quantize_fp8(self.source.load())
-        self._pending[1 - index] = (values, scales)[1 - index]
-        return (values, scales)[index]
-
-
-@dataclass(frozen=True)
-class Fp8Part:
-    """One half (0 = float8 values, 1 = float32 block scales) of a weight's FP8 quantization."""
-
-    halves: Fp8Halves
-    part: int
-
-    def load(self) -> torch.Tensor:
-        return self.halves.part(self.part)
-
-    def describe(self) -> str:
-        return f"fp8_{'values' if self.part == 0 else 'scales'}({self.halves.source.describe()})"
 
 
 @dataclass(frozen=True)
@@ -83,11 +51,11 @@ class Fp8QuantizePass:
                 continue
             if w.name not in done:
                 src = g.weights[w.name].source
-                halves = Fp8Halves(src)
+                halves = Quantized(src, quantize_fp8, "fp8")
                 q = Value(w.name, w.type.with_dtype(DType.F8E4M3))
                 s = Value(f"{w.name}_scale_inv", w.type.with_shape(block_scale_shape(w.type.shape)))
-                g.weights[q.name] = Weight(q, Fp8Part(halves, 0))
-                g.weights[s.name] = Weight(s, Fp8Part(halves, 1))
+                g.weights[q.name] = Weight(q, QuantizedPart(halves, 0))
+                g.weights[s.name] = Weight(s, QuantizedPart(halves, 1))
                 done[w.name] = (q, s)
                 records.append(QuantizedWeight(w.name, g.layer_of(node), FORMAT, src, lambda h=halves: _restore(h)))
                 quantized += 1

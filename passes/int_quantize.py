@@ -23,6 +23,7 @@ when none does, saying so in the stats.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -31,7 +32,7 @@ from dsc.errors import CompileError
 from dsc.ir.graph import Graph, Node, Op, Stacked, Transformed, Value, Weight, WeightSource
 from dsc.ir.ops import dequantize, dequantize_int, int_scale_shape, quantize_int
 from dsc.ir.types import DType, TensorType
-from dsc.passes.base import PassResult, QuantizedWeight
+from dsc.passes.base import PassResult, Quantized, QuantizedPart, QuantizedWeight
 
 KEEP_FLOAT: tuple[str, ...] = ()
 # Chosen by measurement (onnxruntime 1.32, 2 cores AVX2; tests/test_int_accuracy.py on the trained checkpoint).
@@ -43,39 +44,13 @@ DEFAULT_BLOCK = {8: 128, 4: 128}
 DEFAULT_EXPERT_BLOCK = {8: 128, 4: 128}
 
 
-class IntHalves:
-    """A weight's int quantization, computed once however its two halves (levels, scales) are read."""
-
-    __slots__ = ("source", "bits", "block", "_pending")
-
-    def __init__(self, source: WeightSource, bits: int, block: int) -> None:
-        self.source, self.bits, self.block = source, bits, block
-        self._pending: dict[int, torch.Tensor] = {}
-
-    def part(self, index: int) -> torch.Tensor:
-        if index in self._pending:
-            return self._pending.pop(index)
-        halves = quantize_int(self.source.load(), self.bits, self.block)
-        self._pending[1 - index] = halves[1 - index]
-        return halves[index]
-
-    def restore(self) -> torch.Tensor:
-        return dequantize_int(*quantize_int(self.source.load(), self.bits, self.block), self.block)
+def int_halves(source: WeightSource, bits: int, block: int) -> Quantized:
+    return Quantized(source, functools.partial(quantize_int, bits=bits, block=block), f"int{bits}/{block}")
 
 
-@dataclass(frozen=True)
-class IntPart:
-    """One half (0 = int levels, 1 = float32 block scales) of a weight's int quantization."""
-
-    halves: IntHalves
-    part: int
-
-    def load(self) -> torch.Tensor:
-        return self.halves.part(self.part)
-
-    def describe(self) -> str:
-        what = "levels" if self.part == 0 else "scales"
-        return f"int{self.halves.bits}_{what}(block {self.halves.block}, {self.halves.source.describe()})"
+def _restore(halves: Quantized) -> torch.Tensor:
+    q, scales = halves.quantize(halves.source.load())
+    return dequantize_int(q, scales, halves.quantize.keywords["block"])
 
 
 def _float_source(g: Graph, w: Value, scale: Value | None) -> WeightSource:
@@ -164,11 +139,11 @@ class IntQuantizePass:
     def _quantized(
         self, g: Graph, name: str, type_: Value, source: WeightSource, block: int, bits: int
     ) -> tuple[Value, Value]:
-        halves = IntHalves(source, bits, block)
+        halves = int_halves(source, bits, block)
         q = Value(name, type_.type.with_dtype(DType.I8))
         s = Value(f"{name}.int{bits}_scale", _scale_type(type_, block))
-        g.weights[q.name] = Weight(q, IntPart(halves, 0))
-        g.weights[s.name] = Weight(s, IntPart(halves, 1))
+        g.weights[q.name] = Weight(q, QuantizedPart(halves, 0))
+        g.weights[s.name] = Weight(s, QuantizedPart(halves, 1))
         return q, s
 
     def _linear(self, g: Graph, node: Node, done: dict, records: list, stats: dict) -> Node | None:
@@ -182,9 +157,9 @@ class IntQuantizePass:
         if w.name not in done:
             src = _float_source(g, w, scale)
             q, s = self._quantized(g, w.name, w, src, self.block_size, self.bits)
-            halves = g.weights[q.name].source.halves
+            halves = g.weights[q.name].source.quantized
             fmt = describe_format(self.bits, self.block_size) + (" (from fp8)" if scale is not None else "")
-            records.append(QuantizedWeight(w.name, g.layer_of(node), fmt, src, halves.restore))
+            records.append(QuantizedWeight(w.name, g.layer_of(node), fmt, src, functools.partial(_restore, halves)))
             done[w.name] = (q, s, (self.bits, self.block_size))
             stats["linear"] += 1
             stats["from_fp8"] += scale is not None
@@ -208,8 +183,12 @@ class IntQuantizePass:
         if table.name not in done:
             src = g.weights[table.name].source
             q, s = self._quantized(g, table.name, table, src, block, bits)
-            halves = g.weights[q.name].source.halves
-            records.append(QuantizedWeight(table.name, None, describe_format(bits, block), src, halves.restore))
+            halves = g.weights[q.name].source.quantized
+            records.append(
+                QuantizedWeight(
+                    table.name, None, describe_format(bits, block), src, functools.partial(_restore, halves)
+                )
+            )
             done[table.name] = (q, s, fmt)
             stats["embedding"] += 1
         q, s, _ = done[table.name]
@@ -236,14 +215,14 @@ class IntQuantizePass:
             if parts is None:
                 stats["experts_kept_float"][node.name] = f"{w.name} is not stacked expert by expert"
                 return None
-            halves = [IntHalves(p, self.bits, block) for p in parts]
+            halves = [int_halves(p, self.bits, block) for p in parts]
             q = Value(w.name, w.type.with_dtype(DType.I8))
             s = Value(f"{w.name}.int{self.bits}_scale", _scale_type(w, block))
-            g.weights[q.name] = Weight(q, Stacked(f"int{self.bits}_levels", tuple(IntPart(h, 0) for h in halves)))
-            g.weights[s.name] = Weight(s, Stacked(f"int{self.bits}_scales", tuple(IntPart(h, 1) for h in halves)))
+            g.weights[q.name] = Weight(q, Stacked(f"int{self.bits}_levels", tuple(QuantizedPart(h, 0) for h in halves)))
+            g.weights[s.name] = Weight(s, Stacked(f"int{self.bits}_scales", tuple(QuantizedPart(h, 1) for h in halves)))
             fmt = describe_format(self.bits, block) + (" (from fp8)" if sc is not None else "")
             original = Stacked("stack", parts)
-            restore = lambda hs=halves: torch.stack([h.restore() for h in hs])  # noqa: E731
+            restore = lambda hs=halves: torch.stack([_restore(h) for h in hs])  # noqa: E731
             records.append(QuantizedWeight(w.name, g.layer_of(node), fmt, original, restore))
             new_q.append(q)
             new_s.append(s)
