@@ -190,6 +190,13 @@ def _add_run(sub) -> None:
     g.add_argument("--prompt", metavar="TEXT", help="prompt text (needs the tokenizer.json the compile copied)")
     r.add_argument("--max-new-tokens", type=_positive, default=32)
     r.add_argument("--threads", type=_positive, help="onnxruntime intra-op threads (default: all cores)")
+    r.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="ONNX engines: onnxruntime's CPU (default) or CUDA execution provider (needs onnxruntime-gpu >= 1.28, "
+        "installed instead of onnxruntime); .plan engines always run on the GPU",
+    )
     r.add_argument("--json", action="store_true", help="print one JSON object: tokens, tokens_per_s, prefill_s")
     r.add_argument(
         "--ep-size",
@@ -348,6 +355,10 @@ def cmd_run(a: argparse.Namespace) -> int:
     prompt = tokenizer.encode(a.prompt) if tokenizer is not None else a.prompt_ids
     check_ids([prompt], manifest.vocab_size, "--prompt" if tokenizer is not None else "--prompt-ids")
     if manifest.expert_parallel is not None or a.ep_size:
+        if a.device != "cpu":
+            raise DscError(
+                f"{a.engine}: expert-parallel runs use the CPU (gloo ranks); --device {a.device} is not supported"
+            )
         from dsc.runtime.ep import run_expert_parallel, run_under_torchrun
 
         if "WORLD_SIZE" in os.environ:
@@ -360,7 +371,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     else:
         from dsc.runtime.engine import load_engine
 
-        result = generate(load_engine(a.engine, threads=a.threads), [prompt], a.max_new_tokens)
+        result = generate(load_engine(a.engine, threads=a.threads, device=a.device), [prompt], a.max_new_tokens)
     _print_generation(a, result, prompt, tokenizer)
     return 0
 

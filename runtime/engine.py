@@ -72,6 +72,35 @@ def check_onnxruntime(manifest: Manifest, path: Path) -> None:
         )
 
 
+# onnxruntime-gpu's CUDA MoE kernel ignored activation_alpha / beta / swiglu_limit (a hard-coded GPT-OSS SwiGLU)
+# before about 1.28 (microsoft/onnxruntime#28738): dsc's experts would run silently wrong there.
+MIN_CUDA_ONNXRUNTIME = (1, 28)
+DEVICES = ("cpu", "cuda")
+
+
+def providers_for(device: str) -> list[str]:
+    """onnxruntime execution providers for ``--device``; a CUDA request that cannot be honoured is an error, never
+    a silent fall back to the CPU."""
+    import onnxruntime as ort
+
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device != "cuda":
+        raise EngineError(f"--device must be one of {', '.join(DEVICES)}, not '{device}'")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise EngineError(
+            f"--device cuda: onnxruntime {ort.__version__} has no CUDA execution provider (install onnxruntime-gpu "
+            "instead of onnxruntime: with both installed, the CPU package hides the CUDA provider)"
+        )
+    have = tuple(int(p) for p in ort.__version__.split(".")[:2] if p.isdigit())
+    if have < MIN_CUDA_ONNXRUNTIME:
+        raise EngineError(
+            f"--device cuda: onnxruntime-gpu {ort.__version__}'s MoE kernel ignores the SwiGLU attributes dsc sets "
+            f"(fixed in {'.'.join(map(str, MIN_CUDA_ONNXRUNTIME))}); pip install -U onnxruntime-gpu"
+        )
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
 class OnnxEngine:
     """An ONNX engine run by onnxruntime (CPU by default; CUDA when onnxruntime-gpu is installed and asked).
 
@@ -107,11 +136,11 @@ class OnnxEngine:
         return logits.numpy(), present
 
 
-def load_engine(path: str | Path, *, threads: int | None = None) -> Engine:
+def load_engine(path: str | Path, *, threads: int | None = None, device: str = "cpu") -> Engine:
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".onnx":
-        return OnnxEngine(path, threads=threads)
+        return OnnxEngine(path, threads=threads, providers=providers_for(device))
     if suffix in (".plan", ".engine"):
         from dsc.runtime.tensorrt_engine import TensorRTEngine
 

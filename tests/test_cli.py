@@ -486,3 +486,26 @@ def test_control_characters_in_names_keep_the_error_on_one_line(tmp_path, capsys
         index.write_text(json.dumps(data))
         code, _, err = run_cli(capsys, "compile", str(ckpt), "-o", str(tmp_path / "out.onnx"), "-q")
         assert code == 2 and len(err.splitlines()) == 1 and repr(name)[1:-1] in err, err
+
+
+def test_run_device_cuda_is_refused_with_the_reason_here(tmp_path, capsys):
+    ckpt = make_model("tiny", tmp_path / "ckpt", seed=1)
+    code, _, _ = run_cli(capsys, "compile", str(ckpt), "-o", str(tmp_path / "e.onnx"), "-q")
+    assert code == 0
+    code, out, err = run_cli(capsys, "run", str(tmp_path / "e.onnx"), "--prompt-ids", "1,2", "--device", "cuda")
+    assert code == 2 and not out
+    assert len(err.strip().splitlines()) == 1 and "no CUDA execution provider" in err and "onnxruntime-gpu" in err
+
+
+def test_cuda_providers_need_an_onnxruntime_gpu_with_the_moe_fix(monkeypatch):
+    import onnxruntime as ort
+    from dsc.errors import EngineError
+    from dsc.runtime.engine import providers_for
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort, "__version__", "1.27.1")
+    with pytest.raises(EngineError, match=r"ignores the SwiGLU attributes .* \(fixed in 1\.28\)"):
+        providers_for("cuda")
+    monkeypatch.setattr(ort, "__version__", "1.31.0")
+    assert providers_for("cuda") == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert providers_for("cpu") == ["CPUExecutionProvider"]
