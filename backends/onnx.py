@@ -403,13 +403,43 @@ _SWIGLU = dict(
 )
 
 
-def _moe_contrib(t: Tape, n: Node, ins: list[str]) -> None:
-    """onnxruntime's com.microsoft MoE kernel (CPU: interleaved SwiGLU, alpha 1, beta 0 = silu(g) * u).
+def _experts_kernel(
+    t: Tape, n: Node, x: str, probs: str, k: int, normalize: int = 0, router_weights: str | None = None
+) -> str:
+    """The node's experts in one com.microsoft kernel: QMoE for int weights (fc1 [E, 2I, H*bits/8] with gate and up
+    rows interleaved, scales [E, 2I, H/block]; fc2 likewise), else MoE (float32, or FP8 dequantized with per-row
+    block scales along the input axis). ``router_weights`` (QMoE only) separates mixing from selection."""
+    attrs = dict(k=k, normalize_routing_weights=normalize, **_SWIGLU)
+    if _is_int(n):
+        a = n.attrs
+        inputs = [x, probs, t.owned("q_glu"), t.owned("q_glu_scale"), "", t.owned("q_down"), t.owned("q_down_scale")]
+        if router_weights is not None:
+            inputs += [""] * 7 + [router_weights]
+        return t.op(
+            "QMoE",
+            inputs,
+            expert_weight_bits=a["bits"],
+            block_size=a["block"],
+            accuracy_level=ACCURACY_LEVEL,
+            **attrs,
+        )
+    assert router_weights is None, "onnxruntime's float MoE kernel has no router_weights input"
+    fc1, fc2 = t.owned("glu_interleaved"), t.owned("down")
+    if len(n.inputs) > 6:  # FP8 experts
+        fc1 = _dequantize(t, fc1, t.owned("glu_interleaved_scale"), axis=2)
+        fc2 = _dequantize(t, fc2, t.owned("down_scale"), axis=2)
+    return t.op("MoE", [x, probs, fc1, "", fc2], **attrs)
 
-    Its router applies softmax and top-k to the probabilities it is given. Feeding it log(w) scattered over
-    the chosen experts (log 0 = -inf elsewhere) makes softmax return w / sum(w) at exactly DeepSeek's
-    choices, and multiplying the output by sum(w) restores the weights: routing stays exact (DESIGN.md §8).
-    The kernel takes [b, s, H] tokens as they are (only the router rows must be 2-D).
+
+def _moe_contrib(t: Tape, n: Node, ins: list[str]) -> None:
+    """onnxruntime's com.microsoft MoE / QMoE kernel (CPU: interleaved SwiGLU, alpha 1, beta 0 = silu(g) * u).
+
+    Fed by a router in the same graph, the kernel routes from the router's dense tensors (``_moe_routed``,
+    ``_qmoe_routed``). Otherwise (an expert-parallel rank's experts) it gets the chosen experts and weights: its
+    router applies softmax and top-k to the probabilities it is given, so feeding it log(w) scattered over the
+    chosen experts (log 0 = -inf elsewhere) makes softmax return w / sum(w) at exactly DeepSeek's choices, and
+    multiplying the output by sum(w) restores the weights: routing stays exact (DESIGN.md §8). The kernel takes
+    [b, s, H] tokens as they are (only the router rows must be 2-D).
     """
     route = t.e._shared.get(("route", n.inputs[1].name))
     if route is not None:
@@ -418,25 +448,7 @@ def _moe_contrib(t: Tape, n: Node, ins: list[str]) -> None:
     lead = t.op("Shape", [w], end=-1)
     dense = _scatter_dense(t, lead, idx, w, n.attrs["num_experts"])
     logits = t.op("Log", [t.op("Reshape", [dense, t.i64([-1, n.attrs["num_experts"]])])])  # rows must be 2-D
-    attrs = dict(k=n.inputs[1].type.shape[-1], normalize_routing_weights=0, **_SWIGLU)
-    if _is_int(n):  # QMoE: fc1 [E, 2I, H*bits/8] (rows interleaved), scales [E, 2I, H/block]; fc2 likewise
-        fc1, s1 = t.owned("q_glu"), t.owned("q_glu_scale")
-        fc2, s2 = t.owned("q_down"), t.owned("q_down_scale")
-        a = n.attrs
-        y = t.op(
-            "QMoE",
-            [x, logits, fc1, s1, "", fc2, s2],
-            expert_weight_bits=a["bits"],
-            block_size=a["block"],
-            accuracy_level=ACCURACY_LEVEL,
-            **attrs,
-        )
-    else:
-        fc1, fc2 = t.owned("glu_interleaved"), t.owned("down")
-        if len(n.inputs) > 6:  # FP8 experts: per-row block scales along the input axis
-            fc1 = _dequantize(t, fc1, t.owned("glu_interleaved_scale"), axis=2)
-            fc2 = _dequantize(t, fc2, t.owned("down_scale"), axis=2)
-        y = t.op("MoE", [x, logits, fc1, "", fc2], **attrs)
+    y = _experts_kernel(t, n, x, logits, n.inputs[1].type.shape[-1])
     t.result("Mul", [y, t.op("ReduceSum", [w, t.i64([-1])], keepdims=1)])
 
 
@@ -448,11 +460,7 @@ def _moe_routed(t: Tape, n: Node, ins: list[str], choice: str, scores: str, rout
     keep = t.op("LessOrEqual", [_kth_largest(t, choice, route["top_k"], axis=-1), choice])
     logits = t.op("Where", [keep, t.op("Log", [scores]), t.f32(-np.inf)])
     logits = t.op("Reshape", [logits, t.i64([-1, route["num_experts"]])])  # router rows must be 2-D
-    fc1, fc2 = t.owned("glu_interleaved"), t.owned("down")
-    if len(n.inputs) > 6:  # FP8 experts: per-row block scales along the input axis
-        fc1 = _dequantize(t, fc1, t.owned("glu_interleaved_scale"), axis=2)
-        fc2 = _dequantize(t, fc2, t.owned("down_scale"), axis=2)
-    y = t.op("MoE", [ins[0], logits, fc1, "", fc2], k=route["top_k"], normalize_routing_weights=0, **_SWIGLU)
+    y = _experts_kernel(t, n, ins[0], logits, route["top_k"])
     scale = t.f32(route["scaling"])
     if not (route["norm_topk_prob"] and route["top_k"] > 1):
         total = t.op("ReduceSum", [t.op("Where", [keep, scores, t.f32(0.0)]), t.i64([-1])], keepdims=1)
@@ -469,19 +477,8 @@ def _qmoe_routed(t: Tape, n: Node, ins: list[str], choice: str, scores: str, rou
     n_exp = route["num_experts"]
     probs = t.op("Reshape", [choice, t.i64([-1, n_exp])])
     weights = t.op("Reshape", [scores, t.i64([-1, n_exp])])
-    a = n.attrs
-    y = t.op(
-        "QMoE",
-        [ins[0], probs, t.owned("q_glu"), t.owned("q_glu_scale"), "", t.owned("q_down"), t.owned("q_down_scale")]
-        + [""] * 7
-        + [weights],
-        k=route["top_k"],
-        normalize_routing_weights=int(route["norm_topk_prob"] and route["top_k"] > 1),
-        expert_weight_bits=a["bits"],
-        block_size=a["block"],
-        accuracy_level=ACCURACY_LEVEL,
-        **_SWIGLU,
-    )
+    normalize = int(route["norm_topk_prob"] and route["top_k"] > 1)
+    y = _experts_kernel(t, n, ins[0], probs, route["top_k"], normalize, router_weights=weights)
     if route["scaling"] != 1.0:
         t.result("Mul", [y, t.f32(route["scaling"])])
     else:

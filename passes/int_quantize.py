@@ -78,6 +78,13 @@ def _scale_type(w: Value, block: int) -> TensorType:
     return TensorType(DType.F32, int_scale_shape(w.type.shape, block))
 
 
+def _fitting_block(block: int, *dims: int) -> int:
+    """The largest power-of-two block <= ``block`` that divides every dim, or 0 when none >= 16 does."""
+    while block >= 16 and any(d % block for d in dims):
+        block //= 2
+    return block if block >= 16 else 0
+
+
 def describe_format(bits: int, block: int) -> str:
     return f"int{bits} block {block} symmetric"
 
@@ -132,19 +139,20 @@ class IntQuantizePass:
                 g.nodes[i] = new
         g.remove_dead()  # FP8 scales the int weights replaced
         g.meta["quantized_weights"] = tuple(records)
-        g.meta["int_quantization"] = {"bits": self.bits, "block": self.block_size, "expert_block": self.expert_block}
+        g.meta["int_quantization"] = {"bits": self.bits, "block": self.block_size}  # experts: per node attrs
         stats["kept_float"] = sorted(set(stats["kept_float"]))
         return PassResult(g, stats["linear"] + stats["experts"] + stats["embedding"] > 0, stats)
 
     def _quantized(
         self, g: Graph, name: str, type_: Value, source: WeightSource, block: int, bits: int
-    ) -> tuple[Value, Value]:
+    ) -> tuple[Value, Value, Quantized]:
+        """Declare ``name``'s int levels and scales as lazy weights; returns them and their shared quantization."""
         halves = int_halves(source, bits, block)
         q = Value(name, type_.type.with_dtype(DType.I8))
         s = Value(f"{name}.int{bits}_scale", _scale_type(type_, block))
         g.weights[q.name] = Weight(q, QuantizedPart(halves, 0))
         g.weights[s.name] = Weight(s, QuantizedPart(halves, 1))
-        return q, s
+        return q, s, halves
 
     def _linear(self, g: Graph, node: Node, done: dict, records: list, stats: dict) -> Node | None:
         w = node.inputs[1]
@@ -156,8 +164,7 @@ class IntQuantizePass:
             return None  # a tied table already quantized for the embedding in another format: keep it float
         if w.name not in done:
             src = _float_source(g, w, scale)
-            q, s = self._quantized(g, w.name, w, src, self.block_size, self.bits)
-            halves = g.weights[q.name].source.quantized
+            q, s, halves = self._quantized(g, w.name, w, src, self.block_size, self.bits)
             fmt = describe_format(self.bits, self.block_size) + (" (from fp8)" if scale is not None else "")
             records.append(QuantizedWeight(w.name, g.layer_of(node), fmt, src, functools.partial(_restore, halves)))
             done[w.name] = (q, s, (self.bits, self.block_size))
@@ -171,19 +178,16 @@ class IntQuantizePass:
     def _embedding(self, g: Graph, node: Node, done: dict, records: list, stats: dict) -> Node | None:
         table = node.inputs[1]
         bits, hidden = self.embedding_bits, table.type.shape[1]
-        block = self.block_size
-        while block >= 16 and hidden % block:
-            block //= 2
+        block = _fitting_block(self.block_size, hidden)
         fmt = (bits, block)
-        if table.name in self.keep or table.type.dtype != DType.F32 or block < 16:
+        if table.name in self.keep or table.type.dtype != DType.F32 or not block:
             stats["kept_float"].append(table.name)
             return None
         if table.name in done and done[table.name][2] != fmt:
             return None  # tied with an lm_head quantized in another format: keep the table float
         if table.name not in done:
             src = g.weights[table.name].source
-            q, s = self._quantized(g, table.name, table, src, block, bits)
-            halves = g.weights[q.name].source.quantized
+            q, s, halves = self._quantized(g, table.name, table, src, block, bits)
             records.append(
                 QuantizedWeight(
                     table.name, None, describe_format(bits, block), src, functools.partial(_restore, halves)
@@ -200,10 +204,8 @@ class IntQuantizePass:
         x, rw, idx, *weights = node.inputs
         mats, scales = weights[:3], (weights[3:] or [None, None, None])
         inter, hidden = mats[0].type.shape[1], mats[0].type.shape[2]
-        block = self.expert_block or DEFAULT_EXPERT_BLOCK[self.bits]
-        while block >= 16 and (hidden % block or inter % block):
-            block //= 2
-        if block < 16:
+        block = _fitting_block(self.expert_block or DEFAULT_EXPERT_BLOCK[self.bits], hidden, inter)
+        if not block:
             stats["experts_kept_float"][node.name] = f"no block >= 16 divides hidden {hidden} and intermediate {inter}"
             return None
         if mats[0].type.dtype not in (DType.F32, DType.F8E4M3):

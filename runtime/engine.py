@@ -60,10 +60,17 @@ def ort_session(
 MIN_ONNXRUNTIME = {"int8": (1, 31), "int4": (1, 31), None: (1, 23, 1), "fp8": (1, 23, 1)}
 
 
+def onnxruntime_version() -> tuple[int, ...]:
+    """The installed onnxruntime's version as numbers ("1.32.0" -> (1, 32, 0)), for comparisons with tuples."""
+    import onnxruntime as ort
+
+    return tuple(int(p) for p in ort.__version__.split(".")[:3] if p.isdigit())
+
+
 def check_onnxruntime(manifest: Manifest, path: Path) -> None:
     import onnxruntime as ort
 
-    have = tuple(int(p) for p in ort.__version__.split(".")[:3] if p.isdigit())
+    have = onnxruntime_version()
     need = MIN_ONNXRUNTIME.get(manifest.quantized, MIN_ONNXRUNTIME[None])
     if have < need:
         raise EngineError(
@@ -92,8 +99,7 @@ def providers_for(device: str) -> list[str]:
             f"--device cuda: onnxruntime {ort.__version__} has no CUDA execution provider (install onnxruntime-gpu "
             "instead of onnxruntime: with both installed, the CPU package hides the CUDA provider)"
         )
-    have = tuple(int(p) for p in ort.__version__.split(".")[:2] if p.isdigit())
-    if have < MIN_CUDA_ONNXRUNTIME:
+    if onnxruntime_version() < MIN_CUDA_ONNXRUNTIME:
         raise EngineError(
             f"--device cuda: onnxruntime-gpu {ort.__version__}'s MoE kernel ignores the SwiGLU attributes dsc sets "
             f"(fixed in {'.'.join(map(str, MIN_CUDA_ONNXRUNTIME))}); pip install -U onnxruntime-gpu"
