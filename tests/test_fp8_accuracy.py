@@ -90,6 +90,7 @@ def test_fp8_top1_agreement_is_at_least_99_percent_overall(metrics):
 
 
 def test_fp8_keeps_perplexity_and_distribution(metrics):
+    assert metrics["agreement"] >= 0.97, metrics  # the floor this test held before retraining; measured 98.15%
     assert abs(metrics["ppl_change"]) <= 0.01, metrics
     assert metrics["kl_mean"] <= KL_BOUND, metrics
     assert metrics["ppl32"] < 4.2  # measured 3.737: the model is trained (uniform over bytes would be 256)

@@ -61,6 +61,7 @@ def test_int8_perplexity_and_kl(evaluations):
     assert m["positions"] >= 50_000
     assert abs(m["ppl_change"]) <= 0.005
     assert m["kl"] <= 6e-3  # measured 2.9e-3
+    assert m["agreement"] >= 0.97  # dsc verify's default bar for int8 engines; measured 98.51%
 
 
 @pytest.mark.xfail(
