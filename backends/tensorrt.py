@@ -23,6 +23,7 @@ import onnx
 from dsc.backends.onnx import lower_to_onnx
 from dsc.backends.onnx_io import ONNX_DTYPES, Initializer
 from dsc.backends.tensorrt_ops import check_model_supported, support_summary
+from dsc.backends.tensorrt_types import initializer_dtypes, retype
 from dsc.errors import CompileError
 from dsc.ir.graph import Graph, Op
 
@@ -126,12 +127,34 @@ def _small_constants(initializers: Sequence[Initializer]) -> dict[str, Any]:
     return out
 
 
-def tensorrt_onnx(graph: Graph, *, producer_version: str = "0") -> tuple[onnx.ModelProto, list[Initializer]]:
+# Nodes kept in float32 in fp16/bf16 plans: the MoE routers (a rounded score can flip a top-k choice, a discrete
+# change), the RMS norms (a mean of squares) and rope (angles grow with the position; ONNX has no bf16 Cos/Sin).
+FP32_OPS = (Op.MOE_ROUTE, Op.RMS_NORM, Op.ROPE)
+
+
+def fp32_prefixes(graph: Graph) -> tuple[str, ...]:
+    """Name prefixes of the ONNX nodes lowered from the IR nodes in ``FP32_OPS`` (backends/onnx.py names every
+    node ``{ir node}/{op type}``)."""
+    return tuple(f"{n.name}/" for n in graph.nodes if n.op in FP32_OPS)
+
+
+def tensorrt_onnx(
+    graph: Graph, *, precision: str = "fp32", producer_version: str = "0"
+) -> tuple[onnx.ModelProto, list[Initializer]]:
     """The ONNX model (without initializers) and initializers that TensorRT's parser takes for ``graph``.
 
-    It is ``lower_to_onnx`` with fused experts as gathers and, when no Q/DQ is blocked, opset 20; the result
-    is checked against backends/tensorrt_ops.py and a model outside the list raises CompileError."""
+    It is ``lower_to_onnx`` with fused experts as gathers and, when no Q/DQ is blocked, opset 20, computing in
+    ``precision`` (backends/tensorrt_types.retype: a strongly typed network's precision is its graph's dtypes);
+    the result is checked against backends/tensorrt_ops.py and a model outside the list raises CompileError."""
+    if precision not in PRECISIONS:
+        raise CompileError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     model, initializers = lower_to_onnx(graph, producer_version=producer_version, moe_lowering="gather")
+    model, initializers, stats = retype(model, initializers, precision, fp32_prefixes(graph))
+    if precision != "fp32":
+        log.info(
+            f"      {precision}: {stats['weights_converted']} weights converted, {stats['pinned_nodes']} nodes kept "
+            f"in fp32 (routers, norms, rope), {stats['casts']} casts"
+        )
     blocked = any(
         n.op_type in ("QuantizeLinear", "DequantizeLinear") and any(a.name == "block_size" for a in n.attribute)
         for n in model.graph.node
@@ -171,38 +194,12 @@ def _input_dims(model: onnx.ModelProto) -> dict[str, list[int | str]]:
     }
 
 
-def _set_precision(trt, config, network, precision: str, has_fp8: bool, keep_fp32: tuple[str, ...]) -> None:
-    """Precision flags on a weakly typed network. fp32 turns TF32 off (TensorRT enables it by default and it
-    rounds MatMul inputs to 10-bit mantissas). fp16/bf16 let TensorRT pick reduced-precision kernels except in
-    the MoE routers, pinned to fp32: a rounded router score can flip a top-k choice, a discrete change."""
-    flags = trt.BuilderFlag
-    if precision == "fp32":
-        if hasattr(flags, "TF32"):
-            config.clear_flag(flags.TF32)
-    else:
-        flag = getattr(flags, precision.upper(), None)
-        if flag is None:  # TensorRT 11 removed weak typing and these flags with it
-            raise CompileError(
-                f"TensorRT {trt.__version__} builds strongly typed networks only; precision {precision} needs "
-                "TensorRT 10.x (or build fp32)"
-            )
-        config.set_flag(flag)
-        pinned = 0
-        for i in range(network.num_layers):
-            layer = network.get_layer(i)
-            if not layer.name.startswith(keep_fp32):
-                continue
-            outs = [layer.get_output(j) for j in range(layer.num_outputs)]
-            if all(o.dtype == trt.float32 for o in outs):
-                layer.precision = trt.float32
-                for j in range(layer.num_outputs):
-                    layer.set_output_type(j, trt.float32)
-                pinned += 1
-        if pinned:
-            config.set_flag(flags.PREFER_PRECISION_CONSTRAINTS)
-            log.info(f"      {pinned} router layers kept in fp32")
-    if has_fp8 and hasattr(flags, "FP8"):
-        config.set_flag(flags.FP8)
+def _checked(value, what: str, version: str):
+    """A TensorRT call's result, or CompileError naming the call and the TensorRT version when it returned None
+    (TensorRT reports why on its logger, above)."""
+    if value is None:
+        raise CompileError(f"TensorRT {version}: {what} failed (its log above says why)")
+    return value
 
 
 def _load_timing_cache(config, path: Path | None):
@@ -232,8 +229,9 @@ def build_engine(
 ) -> Path:
     """Build a TensorRT plan for ``graph`` at ``plan_path`` plus ``<stem>.manifest.json``; returns plan_path.
 
-    precision: "fp32" (TF32 off), "fp16" or "bf16" (TensorRT picks per layer; routers stay fp32). FP8 weights
-    (DequantizeLinear from FP8) are explicit quantization and are honoured in every precision.
+    precision: "fp32" (TF32 off), "fp16" or "bf16", written into the ONNX graph's dtypes (``tensorrt_onnx``) and
+    built as a strongly typed network, the only kind TensorRT 11 builds: no precision flags, no per-layer output
+    types. FP8 weights (DequantizeLinear from FP8) are explicit quantization, honoured in every precision.
     workspace_bytes: TensorRT's WORKSPACE memory pool limit (``--workspace``).
     timing_cache: loaded when the file exists, written after the build (``--timing-cache``).
     The manifest (dsc.engine_format.finish_engine) comes from the graph and its metadata, like every engine's,
@@ -261,10 +259,9 @@ def build_engine(
         timing_cache = Path(timing_cache)
         check_writable_dir(timing_cache)
 
-    model, initializers = tensorrt_onnx(graph, producer_version=__version__)
-    has_fp8 = any(str(i.dtype).startswith("torch.float8") for i in initializers)
+    model, initializers = tensorrt_onnx(graph, precision=precision, producer_version=__version__)
     dims = _input_dims(model)
-    keep_fp32 = tuple(f"{n.name}/" for n in graph.nodes if n.op == Op.MOE_ROUTE)
+    version = trt.__version__
     logger = trt.Logger(trt.Logger.WARNING)
     # Beside the plan, not in /tmp: the ONNX copy holds every weight and /tmp is often a small tmpfs.
     with tempfile.TemporaryDirectory(prefix=f".{plan_path.name}.onnx-", dir=plan_path.parent) as tmp:
@@ -272,34 +269,35 @@ def build_engine(
         save_model(model, initializers, onnx_path, external_data=True)
         mb = sum(i.nbytes for i in initializers) / 2**20
         log.info(f"      parsing with TensorRT {trt.__version__} ({mb:.1f} MB)")
-        builder = trt.Builder(logger)
-        network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
-        parser = trt.OnnxParser(network, logger)
+        builder = _checked(trt.Builder(logger), "creating a builder", version)
+        strongly_typed = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+        network = _checked(builder.create_network(strongly_typed), "creating a network", version)
+        parser = _checked(trt.OnnxParser(network, logger), "creating the ONNX parser", version)
         if not parser.parse_from_file(str(onnx_path)):
             errors = [_parser_error(parser.get_error(i)) for i in range(parser.num_errors)] or ["no error given"]
             for line in errors:
                 log.info(f"      parser: {line}")
             more = f" (and {len(errors) - 1} more, listed above)" if len(errors) > 1 else ""
             raise CompileError(f"TensorRT's ONNX parser refused the model: {errors[0]}{more}")
-        config = builder.create_builder_config()
+        config = _checked(builder.create_builder_config(), "creating a builder config", version)
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
-        _set_precision(trt, config, network, precision, has_fp8, keep_fp32)
-        profile = builder.create_optimization_profile()
+        # TF32 (on by default) rounds float32 MatMul inputs to 10-bit mantissas: fp32 means fp32.
+        config.clear_flag(trt.BuilderFlag.TF32)
+        profile = _checked(builder.create_optimization_profile(), "creating an optimization profile", version)
         profile_shapes = {}
         for i in range(network.num_inputs):
             name = network.get_input(i).name
             profile_shapes[name] = profiles.shapes_for(name, dims[name])
             profile.set_shape(name, *profile_shapes[name])
-        config.add_optimization_profile(profile)
+        if config.add_optimization_profile(profile) < 0:
+            raise CompileError(f"TensorRT {version} refused the optimization profile {profiles.to_dict()}")
         _load_timing_cache(config, timing_cache)
         r = profiles.ranges()
         log.info(
             f"      building: {precision}, batch {r['batch'][0]}..{r['batch'][2]}, seq {r['seq'][0]}..{r['seq'][2]}, "
             f"past 0..{r['past'][2]}, workspace {workspace_bytes / 2**30:.1f} GiB"
         )
-        serialized = builder.build_serialized_network(network, config)
-        if serialized is None:
-            raise CompileError("TensorRT could not build the engine (its log above says why)")
+        serialized = _checked(builder.build_serialized_network(network, config), "building the engine", version)
     if timing_cache is not None:
         atomic_write_bytes(timing_cache, bytes(memoryview(config.get_timing_cache().serialize())))
         log.info(f"      timing cache saved to {timing_cache}")
@@ -313,6 +311,8 @@ def build_engine(
         "workspace_bytes": workspace_bytes,
         "onnx_opset": next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
         "moe_lowering": "gather",
+        "strongly_typed": True,
+        "weight_bytes_by_dtype": initializer_dtypes(initializers),
         "support_list": support_summary(),
     }
     finish_engine(graph, backend="tensorrt", engine=plan_path, files=[plan_path], tensorrt=tensorrt_info)

@@ -65,6 +65,11 @@ class TensorRTEngine:
                 "only load on the TensorRT version and GPU kind that built them)"
             )
         self._context = self._engine.create_execution_context()
+        if self._context is None:
+            raise EngineError(
+                f"{self.path}: TensorRT {trt.__version__} could not create an execution context (out of device "
+                "memory for the plan's activations? its log above says why)"
+            )
         names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
         self._inputs = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self._outputs = [n for n in names if n not in self._inputs]
@@ -93,6 +98,10 @@ class TensorRTEngine:
         if t.numel() and t.data_ptr() % _ALIGN:
             t = t.clone()  # a view into a bigger buffer; the caching allocator aligns fresh blocks
         return t
+
+    def _bind(self, name: str, t) -> None:
+        if not self._context.set_tensor_address(name, self._address(t)):
+            raise EngineError(f"{self.path}: TensorRT refused the buffer address of {name}")
 
     def _check_shape(self, name: str, shape: tuple[int, ...]) -> None:
         if name not in self._limits:
@@ -124,14 +133,14 @@ class TensorRTEngine:
                 self._check_shape(name, tuple(t.shape))
                 if not ctx.set_input_shape(name, tuple(t.shape)):
                     raise EngineError(f"{self.path}: TensorRT refused shape {list(t.shape)} for input {name}")
-                ctx.set_tensor_address(name, self._address(t))
+                self._bind(name, t)
                 buffers[name] = t
             for name in self._outputs:
                 shape = tuple(ctx.get_tensor_shape(name))
                 if any(d < 0 for d in shape):
                     raise EngineError(f"{self.path}: output {name} has unresolved shape {list(shape)}")
                 t = torch.empty(shape, dtype=self._dtypes[name], device=self.device)
-                ctx.set_tensor_address(name, self._address(t))
+                self._bind(name, t)
                 buffers[name] = t
             handle = stream.cuda_stream if stream is not None else 0
             if not ctx.execute_async_v3(handle):

@@ -28,14 +28,16 @@ import onnxruntime as ort
 import pytest
 import torch
 from dsc.backends.onnx import lower_to_onnx
-from dsc.backends.onnx_io import ONNX_DTYPES, save_model
-from dsc.backends.tensorrt import Profiles, build_engine, profiles_from_flags, tensorrt_onnx
+from dsc.backends.onnx_io import ONNX_DTYPES, Initializer, save_model
+from dsc.backends.tensorrt import Profiles, build_engine, fp32_prefixes, profiles_from_flags, tensorrt_onnx
 from dsc.backends.tensorrt_ops import OP_TYPES, TENSORRT_VERSION, check_model_supported
 from dsc.backends.tensorrt_support import HINT, require_tensorrt
+from dsc.backends.tensorrt_types import retype
 from dsc.engine_format import read_manifest
 from dsc.errors import CompileError, EngineError
 from dsc.frontends.loader import load_graph
 from dsc.frontends.presets import make_model
+from dsc.ir.graph import Op
 from dsc.passes.manager import PassManager
 from dsc.passes.pipeline import build_pipeline
 from dsc.runtime.generate import generate
@@ -53,6 +55,7 @@ def teacher_forced(step, empty: list, generated: list[list[int]], steps: int = D
 
 
 RTOL = 1e-4
+FP16_RTOL = 3e-3  # fp16 weights and activations (measured 5.7e-4 on the tiny preset)
 # The tiny preset (v3: sigmoid noaux_tc over 2 groups) and two transformers-saved v2 configs: together every
 # routing branch the lowering has (grouped noaux_tc, group_limited_greedy, plain greedy softmax).
 CASES = ("tiny", "v2_group_limited_yarn", "v2_greedy_no_q_lora")
@@ -147,6 +150,108 @@ def test_fp8_weights_keep_their_blocked_dequantize(tmp_path: Path):
     tokens = [[5] * (DECODE_STEPS + 1)] * len(PROMPT)
     for a, b in zip(teacher_forced(got, empty, tokens), teacher_forced(ref, empty, tokens), strict=True):
         assert rel_error(a, b) <= RTOL
+
+
+# -- strong typing: --precision is the graph's dtypes ---------------------------------------------------
+def assert_strongly_typed(model: onnx.ModelProto, graph, low: int) -> None:
+    """Every float value computed outside the routers, norms and rope is ``low``; inside them float32; the
+    network's inputs and outputs stay float32; the router TopKs read float32; it is still parseable."""
+    pinned = fp32_prefixes(graph)
+    for op in (Op.MOE_ROUTE, Op.RMS_NORM, Op.ROPE):
+        assert {f"{n.name}/" for n in graph.nodes if n.op == op} <= set(pinned)
+    assert any(n.op == Op.MOE_ROUTE for n in graph.nodes)
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    types = {v.name: v.type.tensor_type.elem_type for v in (*inferred.graph.value_info, *inferred.graph.output)}
+    types.update({t.name: t.data_type for t in model.graph.initializer})
+    floats = {TensorProto.FLOAT, low}
+    counts = {TensorProto.FLOAT: 0, low: 0}
+    for node in model.graph.node:
+        want = TensorProto.FLOAT if node.name.startswith(pinned) else low
+        if node.op_type == "Cast":
+            want = node.attribute[0].i
+        for o in node.output:
+            if types.get(o) in floats:
+                assert types[o] == want, f"{node.name}: {o} is {types[o]}, expected {want}"
+                counts[want] += 1
+        if node.op_type == "TopK" and node.name.startswith(pinned):
+            assert types[node.input[0]] == TensorProto.FLOAT
+    assert counts[low] > counts[TensorProto.FLOAT] > 0
+    assert [v.type.tensor_type.elem_type for v in model.graph.output] == [TensorProto.FLOAT] * len(model.graph.output)
+    readers: dict[str, set[bool]] = {}
+    for node in model.graph.node:
+        for i in node.input:
+            readers.setdefault(i, set()).add(node.name.startswith(pinned))
+    big = [t for t in model.graph.initializer if t.data_type in floats and np.prod(t.dims) >= 256]
+    for t in big:  # weights in the dtype of the nodes that read them (the routers' gates stay float32)
+        assert t.data_type == (TensorProto.FLOAT if readers[t.name] == {True} else low), t.name
+    assert sum(t.data_type == low for t in big) > sum(t.data_type == TensorProto.FLOAT for t in big) > 0
+    assert check_model_supported(model) == []
+    onnx.checker.check_model(model, full_check=True)
+
+
+@pytest.mark.parametrize("precision,low", [("bf16", TensorProto.BFLOAT16), ("fp16", TensorProto.FLOAT16)])
+def test_reduced_precision_is_written_into_the_onnx(case: Case, precision: str, low: int, tmp_path: Path):
+    model, inits = tensorrt_onnx(case.graph, precision=precision)
+    save_model(model, inits, tmp_path / "m.onnx")
+    assert_strongly_typed(onnx.load(str(tmp_path / "m.onnx")), case.graph, low)
+    if precision == "fp16":  # onnxruntime runs fp16 on the CPU (not bf16): the numbers, against transformers
+        step, empty = onnxruntime_step(tmp_path / "m.onnx")
+        assert_matches(case, teacher_forced(step, empty, case.generated), FP16_RTOL)
+
+
+def test_retype_pins_by_name_and_keeps_small_constants_per_dtype():
+    """A constant read by a pinned node and an unpinned one is stored in both dtypes (1e-20 is 0 in fp16)."""
+    x = vi("x", TensorProto.FLOAT, [2])
+    eps = Initializer("eps", torch.float32, (1,), lambda: torch.tensor([1e-20]))
+    nodes = [
+        helper.make_node("Add", ["x", "eps"], ["a"], name="router/Add"),
+        helper.make_node("Add", ["a", "eps"], ["b"], name="mlp/Add"),
+        helper.make_node("ConstantOfShape", [helper_shape := "shape"], ["z"], name="mlp/Zeros", value=_ONE),
+        helper.make_node("Mul", ["b", "z"], ["y"], name="mlp/Mul"),
+    ]
+    shape = Initializer(helper_shape, torch.int64, (1,), lambda: torch.tensor([2]))
+    model = helper.make_model(
+        helper.make_graph(nodes, "g", [x], [vi("y", TensorProto.FLOAT, [2])]),
+        opset_imports=[helper.make_opsetid("", 20)],
+    )
+    out, inits, stats = retype(model, [eps, shape], "fp16", ("router/",))
+    assert {i.name: i.dtype for i in inits} == {"eps": torch.float32, "eps.fp16": torch.float16, "shape": torch.int64}
+    assert stats == {"casts": 2, "pinned_nodes": 1, "weights_converted": 1}
+    by_name = {n.name: n for n in out.graph.node}
+    assert list(by_name["router/Add"].input) == ["x", "eps"]
+    assert list(by_name["mlp/Add"].input) == ["to_fp16/a", "eps.fp16"]
+    assert by_name["mlp/Zeros"].attribute[0].t.data_type == TensorProto.FLOAT16
+    assert by_name["to_fp32/y"].output == ["y"] and by_name["mlp/Mul"].output == ["y.fp16"]
+    session = ort.InferenceSession(
+        _with_initializers(out, inits).SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    (y,) = session.run(None, {"x": np.array([1.0, -2.0], np.float32)})
+    assert y.dtype == np.float32 and np.array_equal(y, np.array([1.0, -2.0], np.float32))
+    with pytest.raises(CompileError, match="--precision must be one of fp32, fp16, bf16, not 'fp8'"):
+        tensorrt_onnx(None, precision="fp8")
+
+
+_ONE = helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])
+
+
+def _with_initializers(model: onnx.ModelProto, inits) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for i in inits:
+        out.graph.initializer.append(onnx.numpy_helper.from_array(i.load().numpy(), i.name))
+    return out
+
+
+def test_fp16_plan_runs_through_the_engine_interface(fake_trt: dict, tmp_path: Path):
+    """The stand-in executes the parsed fp16 graph with onnxruntime: float32 at the edges, fp16 inside."""
+    ckpt = make_model("tiny", tmp_path / "ckpt", seed=3, lm_head_scale=4.0)
+    prefill, steps, generated = hf_reference_logits(ckpt, PROMPT, DECODE_STEPS)
+    case = Case("tiny", ckpt, None, prefill.numpy(), [s.numpy() for s in steps], generated)
+    plan = build_engine(
+        compiled_graph(ckpt), tmp_path / "m.plan", profiles=profiles_from_flags(2, 32), precision="fp16"
+    )
+    engine = TensorRTEngine(plan, device="cpu")
+    assert_matches(case, teacher_forced(engine.step, [c.empty(2) for c in engine.cache], generated), FP16_RTOL)
 
 
 # -- the support list ------------------------------------------------------------------------------
@@ -294,9 +399,8 @@ def fake_tensorrt(record: dict) -> types.ModuleType:
     trt.__version__ = "10.99-fake"
     for name in ("float32", "float16", "bfloat16", "int64", "int32", "int8", "uint8", "bool"):
         setattr(trt, name, name)
-    trt.BuilderFlag = types.SimpleNamespace(
-        FP16="FP16", BF16="BF16", FP8="FP8", TF32="TF32", PREFER_PRECISION_CONSTRAINTS="PREFER"
-    )
+    trt.BuilderFlag = types.SimpleNamespace(TF32="TF32")  # TensorRT 11 has no FP16/BF16/FP8 flags
+    trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=1)
     trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
     trt.TensorIOMode = types.SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT")
 
@@ -318,9 +422,6 @@ def fake_tensorrt(record: dict) -> types.ModuleType:
 
         def get_output(self, i):
             return self.outputs[i]
-
-        def set_output_type(self, i, dtype):
-            record.setdefault("output_types", []).append((self.name, i, dtype))
 
     class Network:
         model = None
@@ -399,6 +500,7 @@ def fake_tensorrt(record: dict) -> types.ModuleType:
 
         def add_optimization_profile(self, profile):
             record["profile"] = profile.shapes
+            return 0
 
         def create_timing_cache(self, data):
             return TimingCache(bytes(data))
@@ -424,7 +526,8 @@ def fake_tensorrt(record: dict) -> types.ModuleType:
 
         def create_network(self, flags):
             record["network_flags"] = flags
-            return Network()
+            record["network"] = Network()
+            return record["network"]
 
         def create_builder_config(self):
             return Config()
@@ -531,7 +634,7 @@ def test_build_and_run_through_the_engine_interface(case: Case, fake_trt: dict, 
     plan, cache = tmp_path / "model.plan", tmp_path / "timing.cache"
     profiles = profiles_from_flags(max_batch=2, max_seq_len=32)
     assert build_engine(case.graph, plan, profiles=profiles, timing_cache=cache) == plan
-    assert fake_trt["network_flags"] == 0
+    assert fake_trt["network_flags"] == 1 << 1  # STRONGLY_TYPED
     assert fake_trt["onnx_files"] == ["model.onnx", "model.onnx.data"]  # weights as external data
     assert fake_trt["pool"] == ("WORKSPACE", 4 << 30)
     assert fake_trt["cleared"] == {"TF32"} and fake_trt["config"].flags == set()  # fp32 means fp32
@@ -561,7 +664,9 @@ def test_build_and_run_through_the_engine_interface(case: Case, fake_trt: dict, 
         engine.step(np.zeros((3, 7), np.int64), np.zeros((3, 7), np.int64), [c.empty(3) for c in engine.cache])
 
 
-def test_reduced_precision_flags_timing_cache_reuse_and_parser_errors(fake_trt: dict, tmp_path: Path, caplog):
+def test_reduced_precision_is_the_graphs_dtypes_timing_cache_reuse_and_parser_errors(
+    fake_trt: dict, tmp_path: Path, caplog
+):
     ckpt = make_model("tiny", tmp_path / "ckpt", seed=3)
     graph = compiled_graph(ckpt)
     cache = tmp_path / "timing.cache"
@@ -575,13 +680,16 @@ def test_reduced_precision_flags_timing_cache_reuse_and_parser_errors(fake_trt: 
         workspace_bytes=1 << 30,
         timing_cache=cache,
     )
-    assert fake_trt["config"].flags == {"BF16", "PREFER"} and "cleared" not in fake_trt
+    # Strongly typed: nothing is asked of the builder but TF32 off; the parsed model itself computes in bf16.
+    assert fake_trt["config"].flags == set() and fake_trt["cleared"] == {"TF32"}
+    assert fake_trt["network_flags"] == 2
     assert fake_trt["timing_loaded"] == [b"fake-cache:0"] and any("12 bytes from" in r.message for r in caplog.records)
-    routers = [f"{n.name}/" for n in graph.nodes if n.op.value == "moe_route"]
-    pinned = {name for name, _, dtype in fake_trt["output_types"] if dtype == "float32"}
-    assert all(name.startswith(tuple(routers)) for name in pinned)
-    assert all(any(name.startswith(r) for name in pinned) for r in routers) and routers
-    assert json.loads((tmp_path / "a.manifest.json").read_text())["tensorrt"]["precision"] == "bf16"
+    parsed = fake_trt["network"].model
+    assert {TensorProto.BFLOAT16, TensorProto.FLOAT} <= {t.data_type for t in parsed.graph.initializer}
+    assert_strongly_typed(parsed, graph, TensorProto.BFLOAT16)
+    info = json.loads((tmp_path / "a.manifest.json").read_text())["tensorrt"]
+    assert info["precision"] == "bf16" and info["strongly_typed"] is True
+    assert info["weight_bytes_by_dtype"]["bfloat16"] > 4 * info["weight_bytes_by_dtype"]["float32"]
 
     fake_trt["parse_errors"] = [(12, "layers.1.mlp/TopK", "TopK", "K too\nlarge"), (-1, "", "", "graph broken")]
     caplog.clear()

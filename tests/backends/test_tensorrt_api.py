@@ -6,21 +6,18 @@ and absent in another must be on GUARDED, with the code path that keeps it away 
 import ast
 import json
 from pathlib import Path
-from types import SimpleNamespace
-
-import pytest
-from dsc.errors import CompileError
 
 ROOT = Path(__file__).resolve().parents[2]
 RECORD = json.loads((ROOT / "tests" / "data" / "tensorrt_api.json").read_text())
 
 # Names in some supported versions only, and why dsc never reaches them on the others.
 GUARDED = {
-    "PREFER_PRECISION_CONSTRAINTS": "fp16/bf16 flags of weakly typed networks; _set_precision refuses them on 11.x",
-    "set_output_type": "the same fp16/bf16 path (routers pinned to fp32), refused on 11.x first",
     "ranges": "not TensorRT's: Profiles.ranges, a dsc dataclass field (a word of 10.13's docstrings)",
     "__version__": "the tensorrt package's own, set by its __init__, not in the bindings' string table",
 }
+# Weak typing, gone from TensorRT 11 (its string table keeps some of these words in docstrings, so the record cannot
+# show their removal): dsc builds strongly typed networks and must not use them at all.
+WEAK_TYPING = {"FP16", "BF16", "FP8", "set_output_type", "PREFER_PRECISION_CONSTRAINTS", "OBEY_PRECISION_CONSTRAINTS"}
 
 
 def _used_names() -> set[str]:
@@ -50,15 +47,6 @@ def test_names_missing_from_a_supported_version_are_guarded():
     assert core <= everywhere & _used_names()
 
 
-def test_weak_typing_precisions_are_refused_before_any_11x_only_gap():
-    """On TensorRT 11 (no BuilderFlag.BF16), fp16/bf16 fail with one CompileError before the guarded calls."""
-    from dsc.backends.tensorrt import _set_precision
-
-    trt11 = SimpleNamespace(BuilderFlag=SimpleNamespace(TF32=1), __version__="11.4.0", float32="f32")
-
-    class Untouchable:
-        def __getattr__(self, name):
-            raise AssertionError(f"{name} reached on TensorRT 11")
-
-    with pytest.raises(CompileError, match="strongly typed networks only; precision bf16 needs TensorRT 10"):
-        _set_precision(trt11, Untouchable(), Untouchable(), "bf16", False, ("router",))
+def test_no_weak_typing_api_is_used():
+    assert _used_names() & WEAK_TYPING == set()
+    assert {"NetworkDefinitionCreationFlag", "STRONGLY_TYPED"} <= _used_names()
