@@ -23,7 +23,13 @@ import onnx
 from dsc.backends.onnx import lower_to_onnx
 from dsc.backends.onnx_io import ONNX_DTYPES, Initializer
 from dsc.backends.tensorrt_ops import check_model_supported, support_summary
-from dsc.backends.tensorrt_types import initializer_dtypes, retype
+from dsc.backends.tensorrt_types import (
+    FP8_BLOCKS_SINCE,
+    fp8_for_tensorrt,
+    initializer_dtypes,
+    parse_tensorrt_version,
+    retype,
+)
 from dsc.errors import CompileError
 from dsc.ir.graph import Graph, Op
 
@@ -139,16 +145,36 @@ def fp32_prefixes(graph: Graph) -> tuple[str, ...]:
 
 
 def tensorrt_onnx(
-    graph: Graph, *, precision: str = "fp32", producer_version: str = "0"
+    graph: Graph,
+    *,
+    precision: str = "fp32",
+    producer_version: str = "0",
+    tensorrt_version: tuple[int, int] = FP8_BLOCKS_SINCE,
 ) -> tuple[onnx.ModelProto, list[Initializer]]:
     """The ONNX model (without initializers) and initializers that TensorRT's parser takes for ``graph``.
 
     It is ``lower_to_onnx`` with fused experts as gathers and, when no Q/DQ is blocked, opset 20, computing in
     ``precision`` (backends/tensorrt_types.retype: a strongly typed network's precision is its graph's dtypes);
-    the result is checked against backends/tensorrt_ops.py and a model outside the list raises CompileError."""
+    FP8 weights go the way ``tensorrt_version`` takes them (backends/tensorrt_types.fp8_for_tensorrt: blocked
+    DequantizeLinear from 10.13, full blocks, 2-D scales; expert stacks, and everything before 10.13, dequantized
+    at compile time). The result is checked against backends/tensorrt_ops.py and a model outside the list raises
+    CompileError."""
     if precision not in PRECISIONS:
         raise CompileError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     model, initializers = lower_to_onnx(graph, producer_version=producer_version, moe_lowering="gather")
+    model, initializers, fp8 = fp8_for_tensorrt(model, initializers, tensorrt_version)
+    if fp8["dequantized"]:
+        why = (
+            f"TensorRT {'.'.join(map(str, tensorrt_version))} has no FP8 block dequantization (10.13+): all"
+            if tensorrt_version < FP8_BLOCKS_SINCE
+            else "expert stacks (a DequantizeLinear before their Gather would dequantize every expert every step):"
+        )
+        log.info(
+            f"      FP8: {why} {fp8['dequantized']} weights dequantized to {precision} at compile time "
+            f"({fp8['dequantized_bytes'] / 2**20:.1f} MB as fp32); {fp8['kept']} stay FP8"
+        )
+    if fp8["padded"]:
+        log.info(f"      FP8: {fp8['padded']} weights padded to whole 128-blocks (TensorRT infers the block size)")
     model, initializers, stats = retype(model, initializers, precision, fp32_prefixes(graph))
     if precision != "fp32":
         log.info(
@@ -259,7 +285,12 @@ def build_engine(
         timing_cache = Path(timing_cache)
         check_writable_dir(timing_cache)
 
-    model, initializers = tensorrt_onnx(graph, precision=precision, producer_version=__version__)
+    model, initializers = tensorrt_onnx(
+        graph,
+        precision=precision,
+        producer_version=__version__,
+        tensorrt_version=parse_tensorrt_version(trt.__version__),
+    )
     dims = _input_dims(model)
     version = trt.__version__
     logger = trt.Logger(trt.Logger.WARNING)

@@ -22,6 +22,10 @@ SOURCE = "onnx-tensorrt docs/operators.md, TensorRT 10.15 revision (opset 9 to 2
 SOURCE_URL = "https://github.com/onnx/onnx-tensorrt/blob/main/docs/operators.md"
 OPSET_RANGE = (9, 24)  # TensorRT 10.15; 10.0 and 10.1 stop at opset 20
 TOPK_MAX_K = 3839  # "K input must be less than 3840"
+# Blocked DequantizeLinear (NvInfer.h, IDequantizeLayer): INT4 only through TensorRT 10.12; FP8/FP4 blocks from
+# 10.13, the scale of rank <= 2 and rooted at a constant; onnx-tensorrt's importer infers the block size as input
+# dim / scale dim (ignoring ``block_size``), so only whole blocks are dequantized as written.
+FP8_BLOCKS_SINCE = (10, 13)
 
 _F = frozenset({TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16})
 _FI = _F | {TensorProto.INT32, TensorProto.INT64}
@@ -212,14 +216,32 @@ def _check_qdq(n: onnx.NodeProto, where: str, values: dict, shapes: dict[str, tu
         zero = values.get(n.input[2])
         if zero is None or np.any(np.asarray(zero, dtype=np.float32) != 0):
             problems.append(f"{where}: the zero point must be a constant zero (TensorRT quantizes symmetrically)")
+    if any(a.name == "block_size" for a in n.attribute) and n.input[1] not in values:
+        problems.append(f"{where}: a blocked scale must be a constant (TensorRT 10.13+)")
     x, scale = shapes.get(n.input[0]), shapes.get(n.input[1])
     if x is not None and scale is not None and len(scale) == len(x) and len(x) > 1:
         blocked = [i for i, (a, b) in enumerate(zip(x, scale, strict=True)) if a != b]
         if len(blocked) > 1:  # the parser infers the block from the shapes and allows one blocked axis
             problems.append(f"{where}: scale {list(scale)} blocks input {list(x)} along {len(blocked)} axes, not one")
+        elif blocked:
+            block = next((a.i for a in n.attribute if a.name == "block_size"), 0)
+            dim, blocks = x[blocked[0]], scale[blocked[0]]
+            if len(scale) > 2:
+                problems.append(f"{where}: a blocked scale must have rank <= 2 (TensorRT 10.13+), not {len(scale)}")
+            if dim % blocks or (block and dim != block * blocks):
+                problems.append(
+                    f"{where}: axis {blocked[0]} of {dim} is not {blocks} whole blocks of {block or '?'} (the parser "
+                    "infers the block as dim / scale dim)"
+                )
     return problems
 
 
 def support_summary() -> dict[str, object]:
     """The list's provenance, for manifests and reports."""
-    return {"tensorrt": TENSORRT_VERSION, "source": SOURCE, "url": SOURCE_URL, "opsets": list(OPSET_RANGE)}
+    return {
+        "tensorrt": TENSORRT_VERSION,
+        "source": SOURCE,
+        "url": SOURCE_URL,
+        "opsets": list(OPSET_RANGE),
+        "fp8_blocks_since": ".".join(map(str, FP8_BLOCKS_SINCE)),
+    }

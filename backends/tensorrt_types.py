@@ -12,11 +12,13 @@ Small float constants needed in both dtypes are stored once per dtype (1e-20 wou
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import onnx
 import torch
 from dsc.backends.onnx_io import ONNX_DTYPES, Initializer
+from dsc.backends.tensorrt_ops import FP8_BLOCKS_SINCE
 from onnx import TensorProto, helper, numpy_helper
 
 LOW_PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -25,7 +27,7 @@ _F32 = TensorProto.FLOAT
 
 def value_types(model: onnx.ModelProto, initializers: Sequence[Initializer]) -> dict[str, int]:
     """Element type of every value of ``model`` whose weights are the ``initializers`` (onnx shape inference)."""
-    from dsc.backends.tensorrt_ops import _typed
+    from dsc.backends.tensorrt_ops import _typed  # noqa: PLC0415
 
     return _typed(model, [(i.name, ONNX_DTYPES[i.dtype], i.shape) for i in initializers])
 
@@ -148,3 +150,107 @@ def initializer_dtypes(initializers: Sequence[Initializer]) -> dict[str, int]:
         key = str(i.dtype).removeprefix("torch.")
         out[key] = out.get(key, 0) + i.nbytes
     return out
+
+
+# -- FP8 weights, the way each TensorRT version takes them (DESIGN.md §8) --------------------------------------
+# Blocked DequantizeLinear is INT4-only through TensorRT 10.12 (NvInfer.h); FP8/FP4 blocks arrive in 10.13, with
+# scales of rank <= 2 rooted at a constant, and the importer infers the block as input dim / scale dim.
+
+
+def parse_tensorrt_version(text: str) -> tuple[int, int]:
+    """ "10.13.3.9" -> (10, 13): the tensorrt package's ``__version__``."""
+    m = re.match(r"(\d+)\.(\d+)", text)
+    if m is None:
+        raise ValueError(f"not a TensorRT version: {text!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _dequantized(x: Initializer, scale: Initializer, axis: int, block: int) -> Initializer:
+    def load() -> torch.Tensor:
+        s = scale.load().float().repeat_interleave(block, dim=axis).narrow(axis, 0, x.shape[axis])
+        return x.load().float() * s
+
+    return Initializer(x.name, torch.float32, x.shape, load)
+
+
+def _padded(x: Initializer, axis: int, to: int) -> Initializer:
+    shape = tuple(to if i == axis else d for i, d in enumerate(x.shape))
+
+    def load() -> torch.Tensor:
+        out = torch.zeros(shape, dtype=x.dtype)
+        out.narrow(axis, 0, x.shape[axis]).copy_(x.load())
+        return out
+
+    return Initializer(x.name, x.dtype, shape, load)
+
+
+def fp8_for_tensorrt(
+    model: onnx.ModelProto, initializers: Sequence[Initializer], version: tuple[int, int]
+) -> tuple[onnx.ModelProto, list[Initializer], dict[str, int]]:
+    """Each FP8 weight's blocked DequantizeLinear made into what TensorRT ``version`` builds:
+
+    - kept FP8 (TensorRT >= 10.13) when its scale has rank <= 2 and no Gather reads the result; a partial last
+      block (the importer would stretch the blocks over the whole axis) is padded with zero weights to full
+      blocks and sliced back after the DequantizeLinear;
+    - dequantized at compile time to float32 (``retype`` then stores it in the plan's precision) before 10.13,
+      and for expert stacks (a 3-D scale; a DequantizeLinear feeding a Gather would dequantize every expert on
+      every step).
+    Returns (model, initializers, stats: kept, padded, dequantized, dequantized_bytes)."""
+    inits = {i.name: i for i in initializers}
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in out.graph.node:
+        for i in node.input:
+            readers.setdefault(i, []).append(node)
+    replaced: dict[str, Initializer] = {}
+    renames: dict[str, str] = {}
+    nodes: list[onnx.NodeProto] = []
+    stats = {"kept": 0, "padded": 0, "dequantized": 0, "dequantized_bytes": 0}
+    for node in out.graph.node:
+        x, scale = (inits.get(n) for n in node.input[:2]) if node.op_type == "DequantizeLinear" else (None, None)
+        if x is None or scale is None or x.dtype != torch.float8_e4m3fn:
+            nodes.append(node)
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        axis, block = attrs.get("axis", 1) % len(x.shape), attrs.get("block_size", 0)
+        gathered = any(r.op_type == "Gather" for r in readers.get(node.output[0], ()))
+        if not block or version < FP8_BLOCKS_SINCE or len(scale.shape) > 2 or gathered:
+            if not block:
+                block = x.shape[axis]  # per-tensor or per-axis scale: one "block" spans the axis
+            replaced[x.name] = _dequantized(x, scale, axis, block)
+            renames[node.output[0]] = x.name
+            stats["dequantized"] += 1
+            stats["dequantized_bytes"] += x.nbytes * 4
+            continue
+        stats["kept"] += 1
+        full = -(-x.shape[axis] // block) * block
+        if full == x.shape[axis]:
+            nodes.append(node)
+            continue
+        replaced[x.name] = _padded(x, axis, full)
+        padded = f"{node.output[0]}/padded"
+        dq = onnx.NodeProto()
+        dq.CopyFrom(node)
+        dq.output[0] = padded
+        nodes.append(dq)
+        starts, ends, axes = (f"{node.name}/pad_{k}" for k in ("starts", "ends", "axes"))
+        for name, value in ((starts, 0), (ends, x.shape[axis]), (axes, axis)):
+            replaced[name] = Initializer(name, torch.int64, (1,), lambda v=value: torch.tensor([v]))
+        nodes.append(
+            helper.make_node("Slice", [padded, starts, ends, axes], [node.output[0]], name=f"{node.name}/unpad")
+        )
+        stats["padded"] += 1
+    kept = []
+    for node in nodes:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        for k, i in enumerate(copy.input):
+            copy.input[k] = renames.get(i, i)
+        kept.append(copy)
+    del out.graph.node[:]
+    out.graph.node.extend(kept)
+    used = {i for n in out.graph.node for i in n.input}
+    out_inits = [replaced.get(i.name, i) for i in initializers]
+    out_inits += [v for k, v in replaced.items() if k not in inits]
+    return out, [i for i in out_inits if i.name in used], stats

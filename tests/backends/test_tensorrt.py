@@ -134,22 +134,43 @@ def test_tensorrt_onnx_is_parseable_and_matches_transformers(case: Case, tmp_pat
     assert_matches(case, teacher_forced(step, empty, case.generated), RTOL)
 
 
-def test_fp8_weights_keep_their_blocked_dequantize(tmp_path: Path):
-    ckpt = make_model("tiny", tmp_path / "ckpt", seed=3, fp8=True)
-    graph = compiled_graph(ckpt)
-    model = write_tensorrt_onnx(graph, tmp_path / "trt.onnx")
-    assert_parseable(model)
-    assert [o.version for o in model.opset_import] == [21]  # block_size needs opset 21
+@pytest.fixture(scope="module")
+def fp8_graph(tmp_path_factory):
+    return compiled_graph(make_model("tiny", tmp_path_factory.mktemp("fp8") / "ckpt", seed=3, fp8=True))
+
+
+@pytest.mark.parametrize(
+    "version,precision,rtol", [((10, 13), "fp32", RTOL), ((10, 13), "fp16", FP16_RTOL), ((10, 12), "fp32", RTOL)]
+)
+def test_fp8_weights_the_way_each_tensorrt_version_takes_them(fp8_graph, version, precision, rtol, tmp_path: Path):
+    """10.13+: the linears' FP8 stays FP8 behind DequantizeLinear with 2-D scales and whole blocks (the tiny preset's
+    dims are all partial blocks: padded); expert stacks are dequantized at compile time (no DequantizeLinear feeds
+    a Gather). Before 10.13 every FP8 weight is dequantized. Same numbers as the default ONNX engine."""
+    model, inits = tensorrt_onnx(fp8_graph, tensorrt_version=version, precision=precision)
+    save_model(model, inits, tmp_path / "trt.onnx")
+    model = onnx.load(str(tmp_path / "trt.onnx"))
+    assert check_model_supported(model) == []  # the blocked-DQ rules included
+    fp8 = [t for t in model.graph.initializer if t.data_type == TensorProto.FLOAT8E4M3FN]
     dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
-    assert dq and all(any(a.name == "block_size" for a in n.attribute) for n in dq)
-    # Same numbers as the default ONNX engine (onnxruntime's MoE kernel), which the end-to-end tests check.
-    reference, inits = lower_to_onnx(graph)
-    save_model(reference, inits, tmp_path / "ref.onnx")
+    if version < (10, 13):
+        assert fp8 == [] and dq == [] and [o.version for o in model.opset_import] == [20]
+    else:
+        linears = [n for n in fp8_graph.nodes if n.op == Op.LINEAR and len(n.inputs) == 3]
+        assert len(fp8) == len(dq) == len(linears) > 0 and [o.version for o in model.opset_import] == [21]
+        shapes = {t.name: list(t.dims) for t in model.graph.initializer}
+        for n in dq:
+            assert len(shapes[n.input[1]]) == 2 and shapes[n.input[0]][0] % 128 == 0
+        readers = {i: n.op_type for n in model.graph.node for i in n.input}
+        assert all(readers[n.output[0]] == "Slice" for n in dq)  # the padding sliced off again
+    gathers = [n for n in model.graph.node if n.op_type == "Gather" and "experts" in n.input[0]]
+    assert gathers and all(n.input[0] in {t.name for t in model.graph.initializer} for n in gathers)
+    reference, ref_inits = lower_to_onnx(fp8_graph)
+    save_model(reference, ref_inits, tmp_path / "ref.onnx")
     got, empty = onnxruntime_step(tmp_path / "trt.onnx")
     ref, _ = onnxruntime_step(tmp_path / "ref.onnx")
     tokens = [[5] * (DECODE_STEPS + 1)] * len(PROMPT)
     for a, b in zip(teacher_forced(got, empty, tokens), teacher_forced(ref, empty, tokens), strict=True):
-        assert rel_error(a, b) <= RTOL
+        assert rel_error(a, b) <= rtol
 
 
 # -- strong typing: --precision is the graph's dtypes ---------------------------------------------------
@@ -307,6 +328,22 @@ def test_support_list_constraints():
     dq = helper.make_node("DequantizeLinear", ["w", "s"], ["y"], name="q", axis=0, block_size=128)
     y = [vi("y", TensorProto.FLOAT, [256, 4])]
     assert check_model_supported(one_node_model(dq, [], y, [w, ok])) == []
+    # partial blocks, a 3-D scale, a scale computed in the graph (TensorRT 10.13's blocked-DQ rules)
+    partial = helper.make_tensor("w", TensorProto.FLOAT8E4M3FN, [200, 4], [0.0] * 800)
+    assert check_model_supported(one_node_model(dq, [], [vi("y", TensorProto.FLOAT, [200, 4])], [partial, ok])) == [
+        "node 'q' (DequantizeLinear): axis 0 of 200 is not 2 whole blocks of 128 (the parser infers the block as "
+        "dim / scale dim)"
+    ]
+    w3 = helper.make_tensor("w", TensorProto.FLOAT8E4M3FN, [2, 256, 4], [0.0] * 2048)
+    s3 = helper.make_tensor("s", TensorProto.FLOAT, [2, 2, 4], [1.0] * 16)
+    dq1 = helper.make_node("DequantizeLinear", ["w", "s"], ["y"], name="q", axis=1, block_size=128)
+    assert check_model_supported(one_node_model(dq1, [], [vi("y", TensorProto.FLOAT, [2, 256, 4])], [w3, s3])) == [
+        "node 'q' (DequantizeLinear): a blocked scale must have rank <= 2 (TensorRT 10.13+), not 3"
+    ]
+    computed = one_node_model(dq, [vi("s", TensorProto.FLOAT, [2, 4])], y, [w])
+    assert check_model_supported(computed) == [
+        "node 'q' (DequantizeLinear): a blocked scale must be a constant (TensorRT 10.13+)"
+    ]
     assert check_model_supported(one_node_model(dq, [], y, [w, bad])) == [
         "node 'q' (DequantizeLinear): scale [2, 2] blocks input [256, 4] along 2 axes, not one"
     ]
