@@ -166,7 +166,13 @@ def _add_compile(sub) -> None:
         default=4096,
         help="longest prompt + generated tokens the plan serves (default 4096)",
     )
-    t.add_argument("--opt-seq-len", type=_positive, help="prompt length to tune for (default: tune for decode)")
+    t.add_argument(
+        "--prefill-chunk",
+        type=_positive,
+        default=512,
+        help="most prompt tokens per step; longer prompts run in chunks (default 512; bounds activation memory)",
+    )
+    t.add_argument("--opt-seq-len", type=_positive, help="prefill length to tune for (default: the prefill chunk)")
     t.add_argument(
         "--precision",
         choices=["fp32", "fp16", "bf16"],
@@ -322,6 +328,7 @@ def cmd_compile(a: argparse.Namespace) -> int:
         max_batch=a.max_batch,
         max_seq_len=a.max_seq_len,
         opt_seq_len=a.opt_seq_len,
+        prefill_chunk=a.prefill_chunk,
         precision=a.precision,
         workspace_bytes=a.workspace << 20,
         timing_cache=a.timing_cache,

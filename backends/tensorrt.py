@@ -2,10 +2,10 @@
 
 The plan is built from the same ONNX lowering as ``.onnx`` engines (backends/onnx.py), with fused experts
 lowered to standard ops (``moe_lowering="gather"``: TensorRT has no com.microsoft MoE) and checked against the
-kept support list (backends/tensorrt_ops.py). One optimization profile serves prefill and decode.
+kept support list (backends/tensorrt_ops.py). Two optimization profiles: decode (seq 1) and bounded prefill chunks.
 
 Entry points the CLI uses (``dsc compile -o model.plan``):
-    profiles = profiles_from_flags(max_batch, max_seq_len, opt_seq_len)     # --max-batch --max-seq-len --opt-seq-len
+    profiles = profiles_from_flags(max_batch, max_seq_len, opt_seq_len, prefill_chunk)  # --max-batch --max-seq-len ...
     build_engine(graph, plan, profiles=profiles, precision=..., workspace_bytes=..., timing_cache=...)
 and ``dsc run model.plan`` loads the result with runtime/tensorrt_engine.TensorRTEngine.
 """
@@ -25,6 +25,7 @@ from dsc.backends.onnx_io import ONNX_DTYPES, Initializer
 from dsc.backends.tensorrt_ops import check_model_supported, support_summary
 from dsc.backends.tensorrt_types import (
     FP8_BLOCKS_SINCE,
+    activation_bytes_estimate,
     fp8_for_tensorrt,
     initializer_dtypes,
     parse_tensorrt_version,
@@ -48,49 +49,54 @@ def _flag_int(flag: str, value: object) -> int:
     return value
 
 
+DEFAULT_PREFILL_CHUNK = 512
+
+
 @dataclass(frozen=True)
 class Profiles:
-    """The one optimization profile: min/opt/max of the ``batch`` and ``seq`` dims, and the largest ``past``.
+    """Two optimization profiles (DESIGN.md §8): ``decode`` (seq 1, past 0..max_seq-1) and ``prefill`` (seq
+    1..prefill_chunk, past 0..max_seq-1), each with batch 1..max_batch. One profile spanning seq 1..max_seq would
+    size the activations (STATIC allocation uses the profile maximum) for a max_seq-token step: [T, k, H, 2I]
+    gathered expert weights with T = batch * max_seq. The runtime runs seq-1 steps on the decode profile and feeds
+    longer prompts to the prefill profile in chunks of at most ``prefill_chunk`` tokens.
 
-    Prefill runs seq = prompt length with past 0; decode runs seq 1 with past up to max_seq - 1; so the
-    profile spans seq 1..max_seq and past 0..max_past. ``opt`` is the shape TensorRT tunes kernels for: a
-    decode step over a half-full cache by default (where generation spends its time), or an ``opt_seq``-token
-    prefill when one is asked for.
+    ``opt_seq`` is the prefill length TensorRT tunes the prefill profile for (default: the chunk); the decode
+    profile is tuned for a half-full cache.
     """
 
-    min_batch: int
-    opt_batch: int
     max_batch: int
-    min_seq: int
-    opt_seq: int
     max_seq: int
-    max_past: int
+    prefill_chunk: int
+    opt_seq: int
 
     def __post_init__(self) -> None:
-        for dim in ("batch", "seq"):
-            lo, opt, hi = (getattr(self, f"{k}_{dim}") for k in ("min", "opt", "max"))
-            if not 1 <= lo <= opt <= hi:
-                raise CompileError(f"profile {dim}: need 1 <= min <= opt <= max, got {lo}, {opt}, {hi}")
-        if self.max_past < 0:
-            raise CompileError(f"profile past: max must be >= 0, got {self.max_past}")
+        if not 1 <= self.opt_seq <= self.prefill_chunk <= self.max_seq or self.max_batch < 1:
+            raise CompileError(
+                f"profiles: need 1 <= opt seq <= prefill chunk <= max seq and batch >= 1, got {self.opt_seq}, "
+                f"{self.prefill_chunk}, {self.max_seq}, {self.max_batch}"
+            )
 
     @property
-    def opt_past(self) -> int:
-        return 0 if self.opt_seq > 1 else self.max_past // 2
+    def max_past(self) -> int:
+        return self.max_seq - 1
 
-    def ranges(self) -> dict[str, tuple[int, int, int]]:
-        """(min, opt, max) of each symbolic dimension of the engine's inputs."""
-        return {
-            "batch": (self.min_batch, self.opt_batch, self.max_batch),
-            "seq": (self.min_seq, self.opt_seq, self.max_seq),
-            "past": (0, self.opt_past, self.max_past),
-        }
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The profiles in the plan, in index order (no prefill profile when a chunk is one token)."""
+        return ("decode", "prefill") if self.prefill_chunk > 1 else ("decode",)
+
+    def ranges(self, profile: str) -> dict[str, tuple[int, int, int]]:
+        """(min, opt, max) of each symbolic dimension of the engine's inputs in ``profile``."""
+        batch = (1, self.max_batch, self.max_batch)
+        if profile == "decode":
+            return {"batch": batch, "seq": (1, 1, 1), "past": (0, self.max_past // 2, self.max_past)}
+        return {"batch": batch, "seq": (1, self.opt_seq, self.prefill_chunk), "past": (0, 0, self.max_past)}
 
     def shapes_for(
-        self, input_name: str, onnx_input_dims: Sequence[int | str]
+        self, profile: str, input_name: str, onnx_input_dims: Sequence[int | str]
     ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
         """(min, opt, max) shapes of one engine input whose ONNX dims are ints or "batch" / "seq" / "past"."""
-        ranges = self.ranges()
+        ranges = self.ranges(profile)
         per_dim = []
         for d in onnx_input_dims:
             if isinstance(d, int) and d >= 0:
@@ -101,21 +107,29 @@ class Profiles:
                 raise CompileError(f"input {input_name}: dimension {d!r} has no profile (expected batch, seq or past)")
         return tuple(tuple(r[i] for r in per_dim) for i in range(3))  # type: ignore[return-value]
 
-    def to_dict(self) -> dict[str, int]:
-        return {**asdict(self), "min_past": 0, "opt_past": self.opt_past}
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "max_past": self.max_past, "ranges": {p: self.ranges(p) for p in self.names}}
 
 
-def profiles_from_flags(max_batch: int = 1, max_seq_len: int = 4096, opt_seq_len: int | None = None) -> Profiles:
-    """The profile for ``--max-batch``, ``--max-seq-len`` (prompt plus generated tokens) and ``--opt-seq-len``
-    (tune for prompts of that length instead of for decode). Bad values raise CompileError naming the flag."""
+def profiles_from_flags(
+    max_batch: int = 1,
+    max_seq_len: int = 4096,
+    opt_seq_len: int | None = None,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+) -> Profiles:
+    """The profiles for ``--max-batch``, ``--max-seq-len`` (prompt plus generated tokens), ``--prefill-chunk``
+    (the most prompt tokens one step takes; longer prompts run in chunks; clipped to --max-seq-len) and
+    ``--opt-seq-len`` (the prefill length to tune for; default the chunk). Bad values raise CompileError naming
+    the flag."""
     max_batch = _flag_int("--max-batch", max_batch)
     max_seq_len = _flag_int("--max-seq-len", max_seq_len)
-    opt_seq = 1
+    chunk = min(_flag_int("--prefill-chunk", prefill_chunk), max_seq_len)
+    opt_seq = chunk
     if opt_seq_len is not None:
         opt_seq = _flag_int("--opt-seq-len", opt_seq_len)
-        if opt_seq > max_seq_len:
-            raise CompileError(f"--opt-seq-len {opt_seq} is larger than --max-seq-len {max_seq_len}")
-    return Profiles(1, max_batch, max_batch, 1, opt_seq, max_seq_len, max_seq_len - 1)
+        if opt_seq > chunk:
+            raise CompileError(f"--opt-seq-len {opt_seq} is larger than the prefill chunk {chunk}")
+    return Profiles(max_batch, max_seq_len, chunk, opt_seq)
 
 
 # -- the ONNX flavour ------------------------------------------------------------------------------
@@ -228,6 +242,27 @@ def _checked(value, what: str, version: str):
     return value
 
 
+def activation_memory(trt, serialized, model, initializers, profile_shapes: dict[str, dict[str, tuple]]) -> dict:
+    """Device memory for activations per profile: TensorRT's own figure from the built plan
+    (``get_device_memory_size_for_profile_v2``, else the plan-wide ``device_memory_size_v2``), else dsc's estimate
+    from the graph (backends/tensorrt_types.activation_bytes_estimate), which is recorded beside it either way."""
+    estimate = {}
+    for name, shapes in profile_shapes.items():
+        estimate[name], _ = activation_bytes_estimate(model, initializers, {k: v[2] for k, v in shapes.items()})
+    out: dict[str, Any] = {"source": "estimate", "bytes": dict(estimate), "estimate": estimate}
+    engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(serialized)
+    if engine is None:
+        return out
+    if hasattr(engine, "get_device_memory_size_for_profile_v2"):
+        sizes = {n: int(engine.get_device_memory_size_for_profile_v2(i)) for i, n in enumerate(profile_shapes)}
+        out.update(source="tensorrt per profile", bytes=sizes)
+    elif hasattr(engine, "device_memory_size_v2"):
+        out.update(
+            source="tensorrt, largest profile", bytes=dict.fromkeys(profile_shapes, engine.device_memory_size_v2)
+        )
+    return out
+
+
 def _load_timing_cache(config, path: Path | None):
     if path is None:
         return None
@@ -314,31 +349,40 @@ def build_engine(
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
         # TF32 (on by default) rounds float32 MatMul inputs to 10-bit mantissas: fp32 means fp32.
         config.clear_flag(trt.BuilderFlag.TF32)
-        profile = _checked(builder.create_optimization_profile(), "creating an optimization profile", version)
-        profile_shapes = {}
-        for i in range(network.num_inputs):
-            name = network.get_input(i).name
-            profile_shapes[name] = profiles.shapes_for(name, dims[name])
-            profile.set_shape(name, *profile_shapes[name])
-        if config.add_optimization_profile(profile) < 0:
-            raise CompileError(f"TensorRT {version} refused the optimization profile {profiles.to_dict()}")
+        profile_shapes: dict[str, dict[str, tuple]] = {}
+        for index, name in enumerate(profiles.names):
+            profile = _checked(builder.create_optimization_profile(), f"creating the {name} profile", version)
+            profile_shapes[name] = {}
+            for i in range(network.num_inputs):
+                tensor = network.get_input(i).name
+                profile_shapes[name][tensor] = profiles.shapes_for(name, tensor, dims[tensor])
+                profile.set_shape(tensor, *profile_shapes[name][tensor])
+            if config.add_optimization_profile(profile) != index:
+                raise CompileError(
+                    f"TensorRT {version} refused the {name} optimization profile {profiles.ranges(name)}"
+                )
         _load_timing_cache(config, timing_cache)
-        r = profiles.ranges()
         log.info(
-            f"      building: {precision}, batch {r['batch'][0]}..{r['batch'][2]}, seq {r['seq'][0]}..{r['seq'][2]}, "
-            f"past 0..{r['past'][2]}, workspace {workspace_bytes / 2**30:.1f} GiB"
+            f"      building: {precision}, batch 1..{profiles.max_batch}, decode (seq 1) and prefill chunks of up to "
+            f"{profiles.prefill_chunk} tokens, past 0..{profiles.max_past}, workspace {workspace_bytes / 2**30:.1f} GiB"
         )
         serialized = _checked(builder.build_serialized_network(network, config), "building the engine", version)
     if timing_cache is not None:
         atomic_write_bytes(timing_cache, bytes(memoryview(config.get_timing_cache().serialize())))
         log.info(f"      timing cache saved to {timing_cache}")
+    activation = activation_memory(trt, serialized, model, initializers, profile_shapes)
+    for name, n in activation["bytes"].items():
+        log.info(f"      {name} profile: {n / 2**20:,.1f} MiB of activation memory ({activation['source']})")
     with atomic_output(plan_path) as tmp_plan, open(tmp_plan, "wb") as f:
         f.write(memoryview(serialized))
     tensorrt_info = {
         "version": trt.__version__,
         "precision": precision,
         "profiles": profiles.to_dict(),
-        "profile_shapes": {k: [list(s) for s in v] for k, v in profile_shapes.items()},
+        "profile_shapes": {
+            p: {k: [list(s) for s in v] for k, v in shapes.items()} for p, shapes in profile_shapes.items()
+        },
+        "activation_bytes": activation,
         "workspace_bytes": workspace_bytes,
         "onnx_opset": next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
         "moe_lowering": "gather",

@@ -254,3 +254,74 @@ def fp8_for_tensorrt(
     out_inits = [replaced.get(i.name, i) for i in initializers]
     out_inits += [v for k, v in replaced.items() if k not in inits]
     return out, [i for i in out_inits if i.name in used], stats
+
+
+# -- activation memory, estimated from the ONNX graph ------------------------------------------------------------
+_BYTES = {
+    TensorProto.FLOAT: 4,
+    TensorProto.FLOAT16: 2,
+    TensorProto.BFLOAT16: 2,
+    TensorProto.INT64: 8,
+    TensorProto.INT32: 4,
+    TensorProto.BOOL: 1,
+    TensorProto.FLOAT8E4M3FN: 1,
+    TensorProto.UINT8: 1,
+    TensorProto.INT8: 1,
+}
+
+
+def activation_bytes_estimate(
+    model: onnx.ModelProto, initializers: Sequence[Initializer], input_shapes: dict[str, Sequence[int]]
+) -> tuple[int, int]:
+    """(peak bytes, values of unknown size) of the activations of one step whose inputs have ``input_shapes``:
+    shapes inferred through the graph, each value alive from its producer to its last reader, the largest sum
+    of live values over the node order. TensorRT fuses, reuses and adds its own scratch, so this is the order of
+    magnitude its ``device_memory_size`` reports, for plans built where that cannot be asked."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.value_info[:]
+    for v in probe.graph.input:
+        dims = v.type.tensor_type.shape.dim
+        for d, n in zip(dims, input_shapes[v.name], strict=True):
+            d.Clear()
+            d.dim_value = n
+    have = {v.name for v in probe.graph.input}
+    for i in initializers:
+        if i.name not in have:
+            probe.graph.input.append(helper.make_tensor_value_info(i.name, ONNX_DTYPES[i.dtype], list(i.shape)))
+    values = {i.name: i for i in initializers}
+    constants = {i.name: i.load() for i in initializers if i.dtype == torch.int64 and i.nbytes <= 1024}
+    for name, t in constants.items():  # shape vectors, axes: let inference see their values
+        probe.graph.initializer.append(numpy_helper.from_array(t.numpy(), name))
+    inferred = onnx.shape_inference.infer_shapes(probe, data_prop=True)
+    sizes: dict[str, int | None] = {}
+    for vi in (*inferred.graph.value_info, *inferred.graph.output):
+        tt = vi.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+        sizes[vi.name] = None if None in dims or tt.elem_type not in _BYTES else _BYTES[tt.elem_type] * _prod(dims)
+    last: dict[str, int] = {}
+    for k, node in enumerate(model.graph.node):
+        for i in node.input:
+            last[i] = k
+    live: dict[str, int] = {}
+    peak = unknown = 0
+    outputs = {o.name for o in model.graph.output}
+    for k, node in enumerate(model.graph.node):
+        for o in node.output:
+            size = sizes.get(o)
+            if size is None:
+                unknown += 1
+            elif o not in values:
+                live[o] = size
+        peak = max(peak, sum(live.values()))
+        for i in node.input:
+            if last.get(i) == k and i in live and i not in outputs:
+                del live[i]
+    return peak, unknown
+
+
+def _prod(dims: Sequence[int]) -> int:
+    n = 1
+    for d in dims:
+        n *= d
+    return n

@@ -44,6 +44,7 @@ class CompileOptions:
     max_batch: int = 1
     max_seq_len: int = 4096
     opt_seq_len: int | None = None
+    prefill_chunk: int = 512  # most prompt tokens per step (the prefill profile)
     precision: str = "fp32"
     workspace_bytes: int = 4 << 30
     timing_cache: Path | None = None
@@ -106,7 +107,9 @@ def make_backend(output: Path, options: CompileOptions) -> Backend:
         from dsc.backends.tensorrt import profiles_from_flags
         from dsc.backends.tensorrt_support import require_tensorrt
 
-        profiles = profiles_from_flags(options.max_batch, options.max_seq_len, options.opt_seq_len)  # check first
+        profiles = profiles_from_flags(  # check first
+            options.max_batch, options.max_seq_len, options.opt_seq_len, options.prefill_chunk
+        )
         require_tensorrt()
         return TensorRTBackend(profiles, options.precision, options.workspace_bytes, options.timing_cache)
     return OnnxBackend(options.moe_lowering, options.external_data)

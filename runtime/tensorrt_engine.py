@@ -64,12 +64,20 @@ class TensorRTEngine:
                 f"{self.path}: TensorRT {trt.__version__} cannot load this plan (built with TensorRT {built}; plans "
                 "only load on the TensorRT version and GPU kind that built them)"
             )
-        self._context = self._engine.create_execution_context()
-        if self._context is None:
+        info = self.manifest.tensorrt or {}
+        shapes = info.get("profile_shapes", {})
+        self._profiles = [p for p in ("decode", "prefill") if p in shapes]
+        if not self._profiles:
             raise EngineError(
-                f"{self.path}: TensorRT {trt.__version__} could not create an execution context (out of device "
-                "memory for the plan's activations? its log above says why)"
+                f"{self.path}: the manifest has no decode profile (a plan from an older dsc: recompile it)"
             )
+        self._chunk = int(info.get("profiles", {}).get("prefill_chunk", 1))
+        self._limits = {
+            p: {name: (tuple(lo), tuple(hi)) for name, (lo, _, hi) in shapes[p].items()} for p in self._profiles
+        }
+        self._version = trt.__version__
+        self._trt = trt
+        self._contexts: dict[str, Any] = {}
         names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
         self._inputs = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self._outputs = [n for n in names if n not in self._inputs]
@@ -79,10 +87,6 @@ class TensorRTEngine:
             raise EngineError(f"{self.path}: the plan's inputs/outputs do not match its manifest")
         dtypes = _torch_dtypes(trt)
         self._dtypes = {n: dtypes[self._engine.get_tensor_dtype(n)] for n in names}
-        self._limits = {
-            name: (tuple(lo), tuple(hi))
-            for name, (lo, _, hi) in (self.manifest.tensorrt or {}).get("profile_shapes", {}).items()
-        }
         # TensorRT needs a non-null address for every input, empty ones (past length 0) included.
         self._empty = torch.empty(_ALIGN, dtype=torch.uint8, device=self.device)
         self._stream = torch.cuda.Stream(device=self.device) if self.device.type == "cuda" else None
@@ -99,53 +103,90 @@ class TensorRTEngine:
             t = t.clone()  # a view into a bigger buffer; the caching allocator aligns fresh blocks
         return t
 
-    def _bind(self, name: str, t) -> None:
-        if not self._context.set_tensor_address(name, self._address(t)):
-            raise EngineError(f"{self.path}: TensorRT refused the buffer address of {name}")
+    def _context(self, profile: str):
+        """The execution context of one profile, made on first use: each allocates activation memory for its own
+        profile only (ON_PROFILE_CHANGE, where the TensorRT version has it) instead of every context the maximum
+        over all profiles."""
+        if profile in self._contexts:
+            return self._contexts[profile]
+        trt = self._trt
+        strategy = getattr(getattr(trt, "ExecutionContextAllocationStrategy", None), "ON_PROFILE_CHANGE", None)
+        ctx = (
+            self._engine.create_execution_context(strategy)
+            if strategy is not None
+            else self._engine.create_execution_context()
+        )
+        if ctx is None:
+            raise EngineError(
+                f"{self.path}: TensorRT {self._version} could not create an execution context for the {profile} "
+                "profile (out of device memory for its activations? its log above says why)"
+            )
+        index = self._profiles.index(profile)
+        handle = self._stream.cuda_stream if self._stream is not None else 0
+        if not ctx.set_optimization_profile_async(index, handle):
+            raise EngineError(f"{self.path}: TensorRT {self._version} refused optimization profile {index} ({profile})")
+        self._contexts[profile] = ctx
+        return ctx
 
-    def _check_shape(self, name: str, shape: tuple[int, ...]) -> None:
-        if name not in self._limits:
+    def _check_shape(self, profile: str, name: str, shape: tuple[int, ...]) -> None:
+        if name not in self._limits[profile]:
             return
-        lo, hi = self._limits[name]
+        lo, hi = self._limits[profile][name]
         if len(shape) != len(lo) or any(not a <= d <= b for a, d, b in zip(lo, shape, hi, strict=True)):
             raise EngineError(
-                f"{self.path}: input {name} of shape {list(shape)} is outside the engine's profile "
+                f"{self.path}: input {name} of shape {list(shape)} is outside the engine's {profile} profile "
                 f"{list(lo)}..{list(hi)} (dsc compile --max-batch / --max-seq-len set it)"
             )
 
     def step(self, input_ids, position_ids, past: list) -> tuple[np.ndarray, list]:
         """One forward over new tokens. ``past``: numpy arrays or torch tensors (on any device); returns
-        (logits [b, s, vocab] numpy, present cache as torch tensors on the engine's device)."""
-        import torch
-
+        (logits [b, s, vocab] numpy, present cache as torch tensors on the engine's device). One token runs on the
+        decode profile; more run on the prefill profile, in chunks of at most the plan's prefill chunk."""
         if len(past) != len(self.cache):
             raise EngineError(f"{self.path}: expected {len(self.cache)} cache tensors, got {len(past)}")
+        seq = np.shape(input_ids)[1]
+        if seq == 1 or "prefill" not in self._profiles:
+            return self._run("decode", input_ids, position_ids, past)
+        pieces = []
+        for start in range(0, seq, self._chunk):
+            end = min(start + self._chunk, seq)
+            logits, past = self._run("prefill", input_ids[:, start:end], position_ids[:, start:end], past)
+            pieces.append(logits)
+        return (pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=1)), past
+
+    def _run(self, profile: str, input_ids, position_ids, past: list) -> tuple[np.ndarray, list]:
+        import torch
+
         stream = self._stream
         if stream is not None:
             stream.wait_stream(torch.cuda.current_stream(self.device))  # past may come from the caller's stream
-        ctx = self._context
+        ctx = self._context(profile)
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             feeds = {"input_ids": input_ids, "position_ids": position_ids}
             feeds.update({c.input: p for c, p in zip(self.cache, past, strict=True)})
             buffers = {}
             for name, value in feeds.items():
                 t = self._to_device(name, value)
-                self._check_shape(name, tuple(t.shape))
+                self._check_shape(profile, name, tuple(t.shape))
                 if not ctx.set_input_shape(name, tuple(t.shape)):
                     raise EngineError(f"{self.path}: TensorRT refused shape {list(t.shape)} for input {name}")
-                self._bind(name, t)
+                self._bind(ctx, name, t)
                 buffers[name] = t
             for name in self._outputs:
                 shape = tuple(ctx.get_tensor_shape(name))
                 if any(d < 0 for d in shape):
                     raise EngineError(f"{self.path}: output {name} has unresolved shape {list(shape)}")
                 t = torch.empty(shape, dtype=self._dtypes[name], device=self.device)
-                self._bind(name, t)
+                self._bind(ctx, name, t)
                 buffers[name] = t
             handle = stream.cuda_stream if stream is not None else 0
             if not ctx.execute_async_v3(handle):
-                raise EngineError(f"{self.path}: TensorRT failed to run the step")
+                raise EngineError(f"{self.path}: TensorRT {self._version} failed to run the step")
             logits = buffers["logits"].to("cpu", torch.float32)
         if stream is not None:
             stream.synchronize()  # the inputs in ``buffers`` must outlive the step
         return logits.numpy(), [buffers[c.output] for c in self.cache]
+
+    def _bind(self, ctx, name: str, t) -> None:
+        if not ctx.set_tensor_address(name, self._address(t)):
+            raise EngineError(f"{self.path}: TensorRT refused the buffer address of {name}")

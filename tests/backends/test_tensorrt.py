@@ -368,20 +368,25 @@ def test_support_list_constraints():
 
 
 # -- profiles --------------------------------------------------------------------------------------
-def test_profiles_cover_prefill_and_decode_in_one_profile():
+def test_decode_and_bounded_prefill_profiles():
     p = profiles_from_flags(max_batch=4, max_seq_len=2048)
-    assert p == Profiles(1, 4, 4, 1, 1, 2048, 2047)
-    assert p.shapes_for("input_ids", ["batch", "seq"]) == ((1, 1), (4, 1), (4, 2048))
-    assert p.shapes_for("past_key_values.0.latent", ["batch", "past", 576]) == (
+    assert p == Profiles(4, 2048, 512, 512) and p.names == ("decode", "prefill")
+    latent = ["batch", "past", 576]
+    assert p.shapes_for("decode", "input_ids", ["batch", "seq"]) == ((1, 1), (4, 1), (4, 1))
+    assert p.shapes_for("decode", "past_key_values.0.latent", latent) == (
         (1, 0, 576),
         (4, 1023, 576),  # tuned for a decode step over a half-full cache
         (4, 2047, 576),
     )
-    prefill = profiles_from_flags(max_seq_len=512, opt_seq_len=128)
-    assert prefill.shapes_for("position_ids", ["batch", "seq"]) == ((1, 1), (1, 128), (1, 512))
-    assert prefill.shapes_for("past_key_values.0.key", ["batch", "past", 4, 24])[1] == (1, 0, 4, 24)
-    assert profiles_from_flags() == Profiles(1, 1, 1, 1, 1, 4096, 4095)
-    assert profiles_from_flags(max_seq_len=1).ranges()["past"] == (0, 0, 0)
+    assert p.shapes_for("prefill", "input_ids", ["batch", "seq"]) == ((1, 1), (4, 512), (4, 512))
+    assert p.shapes_for("prefill", "past_key_values.0.latent", latent) == ((1, 0, 576), (4, 0, 576), (4, 2047, 576))
+    tuned = profiles_from_flags(max_seq_len=512, opt_seq_len=128, prefill_chunk=256)
+    assert tuned.shapes_for("prefill", "position_ids", ["batch", "seq"]) == ((1, 1), (1, 128), (1, 256))
+    assert profiles_from_flags() == Profiles(1, 4096, 512, 512)
+    assert profiles_from_flags(max_seq_len=64) == Profiles(1, 64, 64, 64)  # the chunk is clipped to the context
+    one = profiles_from_flags(max_seq_len=1)
+    assert one.names == ("decode",) and one.ranges("decode")["past"] == (0, 0, 0)
+    assert profiles_from_flags(prefill_chunk=1).names == ("decode",)
 
 
 @pytest.mark.parametrize(
@@ -392,7 +397,9 @@ def test_profiles_cover_prefill_and_decode_in_one_profile():
         ({"max_seq_len": 4.5}, "--max-seq-len must be a positive integer, not 4.5"),
         ({"max_batch": True}, "--max-batch must be a positive integer, not True"),
         ({"opt_seq_len": 0}, "--opt-seq-len must be a positive integer, not 0"),
-        ({"max_seq_len": 64, "opt_seq_len": 65}, "--opt-seq-len 65 is larger than --max-seq-len 64"),
+        ({"max_seq_len": 64, "opt_seq_len": 65}, "--opt-seq-len 65 is larger than the prefill chunk 64"),
+        ({"prefill_chunk": 0}, "--prefill-chunk must be a positive integer, not 0"),
+        ({"prefill_chunk": 16, "opt_seq_len": 17}, "--opt-seq-len 17 is larger than the prefill chunk 16"),
     ],
 )
 def test_bad_profile_flags_name_the_flag(flags, message):
@@ -403,9 +410,35 @@ def test_bad_profile_flags_name_the_flag(flags, message):
 
 def test_profile_errors():
     with pytest.raises(CompileError, match="dimension 'tokens' has no profile"):
-        profiles_from_flags().shapes_for("x", ["batch", "tokens"])
-    with pytest.raises(CompileError, match=r"profile seq: need 1 <= min <= opt <= max, got 1, 9, 8"):
-        Profiles(1, 1, 1, 1, 9, 8, 7)
+        profiles_from_flags().shapes_for("decode", "x", ["batch", "tokens"])
+    with pytest.raises(CompileError, match=r"need 1 <= opt seq <= prefill chunk <= max seq and batch >= 1, got 9, 8"):
+        Profiles(1, 64, 8, 9)
+
+
+def test_activation_estimate_grows_with_the_profile_not_with_one_span(tmp_path: Path):
+    """The graph-based estimate recorded where TensorRT cannot be asked: the decode profile's activations are a
+    small fraction of the prefill chunk's, and a single seq-1..max profile (the old plan) needs far more."""
+    from dsc.backends.tensorrt import _input_dims
+    from dsc.backends.tensorrt_types import activation_bytes_estimate
+
+    graph = compiled_graph(make_model("tiny", tmp_path / "ckpt", seed=3))
+    model, inits = tensorrt_onnx(graph)
+    dims = _input_dims(model)
+    p = profiles_from_flags(max_seq_len=1024, prefill_chunk=64)
+    est = {
+        n: activation_bytes_estimate(model, inits, {k: p.shapes_for(n, k, d)[2] for k, d in dims.items()})
+        for n in p.names
+    }
+    single, _ = activation_bytes_estimate(
+        model, inits, {k: [{"batch": 1, "seq": 1024, "past": 1023}.get(x, x) for x in d] for k, d in dims.items()}
+    )
+    assert 0 < est["decode"][0] < est["prefill"][0] < single / 4
+    # the prefill chunk's gathered expert weights alone: 64 tokens x top-k x H x 2I floats, alive at once
+    experts = next(n for n in graph.nodes if n.op == Op.MOE_EXPERTS)
+    inter, hidden = experts.inputs[3].type.shape[1:]
+    k = experts.inputs[1].type.shape[-1]
+    assert est["prefill"][0] >= 64 * k * hidden * 2 * inter * 4
+    assert est["prefill"][1] < 20  # values whose size inference could not resolve
 
 
 # -- without TensorRT ------------------------------------------------------------------------------
@@ -438,6 +471,7 @@ def fake_tensorrt(record: dict) -> types.ModuleType:
         setattr(trt, name, name)
     trt.BuilderFlag = types.SimpleNamespace(TF32="TF32")  # TensorRT 11 has no FP16/BF16/FP8 flags
     trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=1)
+    trt.ExecutionContextAllocationStrategy = types.SimpleNamespace(ON_PROFILE_CHANGE="ON_PROFILE_CHANGE")
     trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
     trt.TensorIOMode = types.SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT")
 
@@ -536,8 +570,8 @@ def fake_tensorrt(record: dict) -> types.ModuleType:
             record.setdefault("cleared", set()).add(flag)
 
         def add_optimization_profile(self, profile):
-            record["profile"] = profile.shapes
-            return 0
+            record.setdefault("profiles", []).append(profile.shapes)
+            return len(record["profiles"]) - 1
 
         def create_timing_cache(self, data):
             return TimingCache(bytes(data))
@@ -578,7 +612,11 @@ def fake_tensorrt(record: dict) -> types.ModuleType:
 
     class Context:
         def __init__(self, engine):
-            self.engine, self.shapes, self.addresses = engine, {}, {}
+            self.engine, self.shapes, self.addresses, self.profile = engine, {}, {}, None
+
+        def set_optimization_profile_async(self, index, stream_handle):
+            self.profile = index
+            return index < len(record["profiles"])
 
         def set_input_shape(self, name, shape):
             self.shapes[name] = tuple(shape)
@@ -615,6 +653,10 @@ def fake_tensorrt(record: dict) -> types.ModuleType:
             for o, value in zip(self.engine.outputs, outs, strict=True):
                 self._view(o.name, value.shape, value.dtype)[...] = value
             record["steps"] = record.get("steps", 0) + 1
+            seq = self.shapes["input_ids"][1]
+            record.setdefault("runs", []).append((self.profile, seq))
+            lo, _, hi = record["profiles"][self.profile]["input_ids"]  # TensorRT checks the profile too
+            assert lo[1] <= seq <= hi[1], (self.profile, seq)
             return True
 
     def _np_type(ort_type: str):
@@ -641,8 +683,12 @@ def fake_tensorrt(record: dict) -> types.ModuleType:
             v = next(v for v in (*self.inputs, *self.outputs) if v.name == name)
             return {"tensor(float)": "float32", "tensor(int64)": "int64"}[v.type]
 
-        def create_execution_context(self):
-            return Context(self)
+        def create_execution_context(self, strategy=None):
+            record.setdefault("strategies", []).append(strategy)
+            return None if record.get("no_context") else Context(self)
+
+        def get_device_memory_size_for_profile_v2(self, index):
+            return 1000 * (index + 1)
 
     class Runtime:
         def __init__(self, logger):
@@ -669,15 +715,18 @@ def fake_trt(monkeypatch) -> dict:
 
 def test_build_and_run_through_the_engine_interface(case: Case, fake_trt: dict, tmp_path: Path):
     plan, cache = tmp_path / "model.plan", tmp_path / "timing.cache"
-    profiles = profiles_from_flags(max_batch=2, max_seq_len=32)
+    profiles = profiles_from_flags(max_batch=2, max_seq_len=32, prefill_chunk=3)
     assert build_engine(case.graph, plan, profiles=profiles, timing_cache=cache) == plan
     assert fake_trt["network_flags"] == 1 << 1  # STRONGLY_TYPED
     assert fake_trt["onnx_files"] == ["model.onnx", "model.onnx.data"]  # weights as external data
     assert fake_trt["pool"] == ("WORKSPACE", 4 << 30)
     assert fake_trt["cleared"] == {"TF32"} and fake_trt["config"].flags == set()  # fp32 means fp32
-    latent = next(n for n in fake_trt["profile"] if n.startswith("past_key_values."))
-    assert fake_trt["profile"]["input_ids"] == ((1, 1), (2, 1), (2, 32))
-    assert [s[:2] for s in fake_trt["profile"][latent]] == [(1, 0), (2, 15), (2, 31)]
+    decode, prefill = fake_trt["profiles"]  # indices 0 and 1
+    latent = next(n for n in decode if n.startswith("past_key_values."))
+    assert decode["input_ids"] == ((1, 1), (2, 1), (2, 1))
+    assert [s[:2] for s in decode[latent]] == [(1, 0), (2, 15), (2, 31)]
+    assert prefill["input_ids"] == ((1, 1), (2, 3), (2, 3))  # --prefill-chunk 3
+    assert [s[:2] for s in prefill[latent]] == [(1, 0), (2, 0), (2, 31)]
     assert cache.read_bytes() == b"fake-cache:1" and fake_trt["timing_loaded"] == [b""]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.manifest.json", "model.plan", "timing.cache"]
 
@@ -688,17 +737,27 @@ def test_build_and_run_through_the_engine_interface(case: Case, fake_trt: dict, 
     trt_info = manifest.tensorrt
     assert trt_info["version"] == "10.99-fake" and trt_info["precision"] == "fp32"
     assert trt_info["workspace_bytes"] == 4 << 30 and trt_info["onnx_opset"] == 20
-    assert trt_info["profiles"]["max_past"] == 31 and trt_info["profile_shapes"]["input_ids"][2] == [2, 32]
+    assert trt_info["profiles"]["max_past"] == 31 and trt_info["profiles"]["prefill_chunk"] == 3
+    assert trt_info["profile_shapes"]["prefill"]["input_ids"][2] == [2, 3]
+    memory = trt_info["activation_bytes"]
+    assert memory["source"] == "tensorrt per profile" and memory["bytes"] == {"decode": 1000, "prefill": 2000}
+    assert 0 < memory["estimate"]["decode"] < memory["estimate"]["prefill"]
     assert trt_info["support_list"]["tensorrt"] == TENSORRT_VERSION
 
     engine = TensorRTEngine(plan, device="cpu")
     empty = [c.empty(len(PROMPT)) for c in engine.cache]  # numpy in, torch tensors back, as generate does
     logits = teacher_forced(engine.step, empty, case.generated)
     assert_matches(case, logits, RTOL)
+    # The 7-token prompt ran as chunks of 3, 3 and 1 on the prefill profile, then one token per decode step.
+    assert fake_trt["runs"] == [(1, 3), (1, 3), (1, 1)] + [(0, 1)] * DECODE_STEPS
+    assert fake_trt["strategies"] == ["ON_PROFILE_CHANGE"] * 2  # one context per profile, each sized for its own
     assert generate(engine, PROMPT, DECODE_STEPS + 1).tokens == case.generated
 
-    with pytest.raises(EngineError, match=r"input_ids of shape \[3, 7\] is outside the engine's profile"):
+    with pytest.raises(EngineError, match=r"input_ids of shape \[3, 3\] is outside the engine's prefill profile"):
         engine.step(np.zeros((3, 7), np.int64), np.zeros((3, 7), np.int64), [c.empty(3) for c in engine.cache])
+    fake_trt["no_context"] = True
+    with pytest.raises(EngineError, match=r"TensorRT 10\.99-fake could not create an execution context for the decode"):
+        TensorRTEngine(plan, device="cpu").step(*[np.zeros((1, 1), np.int64)] * 2, [c.empty(1) for c in engine.cache])
 
 
 def test_reduced_precision_is_the_graphs_dtypes_timing_cache_reuse_and_parser_errors(
@@ -787,3 +846,23 @@ def test_tensorrt_plan_matches_transformers(precision: str, rtol: float, tmp_pat
     assert_matches(case, logits, rtol)
     if precision == "fp32":  # bf16 may flip a near-tie argmax; its logits are checked above
         assert generate(engine, PROMPT, steps + 1).tokens == generated
+
+
+def test_activation_memory_falls_back_to_what_the_version_has(tmp_path: Path):
+    from dsc.backends.tensorrt import _input_dims, activation_memory
+
+    graph = compiled_graph(make_model("tiny", tmp_path / "ckpt", seed=3))
+    model, inits = tensorrt_onnx(graph)
+    p = profiles_from_flags(max_seq_len=64, prefill_chunk=8)
+    shapes = {n: {k: p.shapes_for(n, k, d) for k, d in _input_dims(model).items()} for n in p.names}
+
+    def fake(engine):
+        runtime = types.SimpleNamespace(deserialize_cuda_engine=lambda data: engine)
+        logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, severity: None})
+        return types.SimpleNamespace(Runtime=lambda _: runtime, Logger=logger)
+
+    unreadable = activation_memory(fake(None), b"", model, inits, shapes)
+    assert unreadable["source"] == "estimate" and unreadable["bytes"] == unreadable["estimate"]
+    assert 0 < unreadable["bytes"]["decode"] < unreadable["bytes"]["prefill"]
+    plan_wide = activation_memory(fake(types.SimpleNamespace(device_memory_size_v2=77)), b"", model, inits, shapes)
+    assert plan_wide["source"] == "tensorrt, largest profile" and plan_wide["bytes"] == {"decode": 77, "prefill": 77}
