@@ -52,6 +52,9 @@ class TensorRTEngine:
             import tensorrt as trt
         except ImportError:
             raise EngineError(f"{self.path}: TensorRT engines need the 'tensorrt' package ({_HINT})") from None
+        from dsc.backends.tensorrt_support import check_tensorrt_version
+
+        check_tensorrt_version(trt.__version__, EngineError)
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise EngineError(f"{self.path}: TensorRT engines need an NVIDIA GPU with CUDA, and none is visible")

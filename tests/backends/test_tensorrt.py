@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import json
+import re
 import sys
 import types
 from dataclasses import dataclass
@@ -866,3 +867,29 @@ def test_activation_memory_falls_back_to_what_the_version_has(tmp_path: Path):
     assert 0 < unreadable["bytes"]["decode"] < unreadable["bytes"]["prefill"]
     plan_wide = activation_memory(fake(types.SimpleNamespace(device_memory_size_v2=77)), b"", model, inits, shapes)
     assert plan_wide["source"] == "tensorrt, largest profile" and plan_wide["bytes"] == {"decode": 77, "prefill": 77}
+
+
+@pytest.mark.parametrize("version", ["12.0.1", "9.3.0.1", "8.6.1"])
+def test_unsupported_tensorrt_versions_are_named(fake_trt: dict, monkeypatch, version: str, tmp_path: Path):
+    graph = compiled_graph(make_model("tiny", tmp_path / "ckpt", seed=3))
+    plan = build_engine(graph, tmp_path / "m.plan", profiles=profiles_from_flags(max_seq_len=16))
+    monkeypatch.setattr(sys.modules["tensorrt"], "__version__", version)
+    message = (
+        rf"TensorRT {re.escape(version)} is not supported: dsc builds and runs plans with TensorRT 10\.13 to 11\.x"
+    )
+    with pytest.raises(CompileError, match=message):
+        build_engine(graph, tmp_path / "n.plan", profiles=profiles_from_flags(max_seq_len=16))
+    assert not (tmp_path / "n.plan").exists()
+    with pytest.raises(EngineError, match=message):
+        TensorRTEngine(plan, device="cpu")
+
+
+def test_tensorrt_before_10_13_builds_with_fp8_dequantized(fake_trt: dict, monkeypatch, tmp_path: Path, caplog):
+    monkeypatch.setattr(sys.modules["tensorrt"], "__version__", "10.8.0.43")
+    graph = compiled_graph(make_model("tiny", tmp_path / "ckpt", seed=3, fp8=True))
+    caplog.set_level("INFO", logger="dsc")
+    build_engine(graph, tmp_path / "m.plan", profiles=profiles_from_flags(max_seq_len=16))
+    assert any("older than 10.13" in r.message for r in caplog.records)
+    assert any("TensorRT 10.8 has no FP8 block dequantization" in r.message for r in caplog.records)
+    parsed = fake_trt["network"].model
+    assert TensorProto.FLOAT8E4M3FN not in {t.data_type for t in parsed.graph.initializer}
