@@ -111,9 +111,10 @@ class OnnxEngine:
     """An ONNX engine run by onnxruntime (CPU by default; CUDA when onnxruntime-gpu is installed and asked).
 
     ``step`` runs through onnxruntime's IO binding: the present cache comes back as onnxruntime ``OrtValue``s that
-    onnxruntime allocated itself, and fed back as the next step's past they are bound as they are, so the cache never
-    goes through numpy between steps (``np.asarray(value)`` reads one without a copy). numpy arrays are accepted as
-    past too (the empty cache, a cache from another engine)."""
+    onnxruntime allocated itself (on the GPU under the CUDA provider, ``cache_device``), and fed back as the next
+    step's past they are bound as they are, so the cache never goes through numpy or the host between steps
+    (``np.asarray(value)`` reads a CPU one without a copy; ``value.numpy()`` copies a CUDA one). numpy arrays are
+    accepted as past too (the empty cache, a cache from another engine)."""
 
     def __init__(self, path: Path, *, threads: int | None = None, providers: list[str] | None = None) -> None:
         self.path = path
@@ -123,6 +124,9 @@ class OnnxEngine:
         check_onnxruntime(self.manifest, path)
         self.session = ort_session(path, threads, providers)
         self._outputs = ["logits"] + [c.output for c in self.cache]
+        # With the CUDA provider the present cache is allocated on the GPU and bound back as the next past there:
+        # a decode step moves only ids in and logits out, never the cache (onnxruntime-gpu's IO binding).
+        self.cache_device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
 
     def step(self, input_ids: np.ndarray, position_ids: np.ndarray, past: list) -> tuple[np.ndarray, list]:
         import onnxruntime as ort
@@ -135,8 +139,9 @@ class OnnxEngine:
                 binding.bind_ortvalue_input(c.input, p)
             else:
                 binding.bind_cpu_input(c.input, np.ascontiguousarray(p))
-        for name in self._outputs:
-            binding.bind_output(name)
+        binding.bind_output("logits")  # host memory: the sampler reads it
+        for c in self.cache:
+            binding.bind_output(c.output, self.cache_device)
         self.session.run_with_iobinding(binding)
         logits, *present = binding.get_outputs()
         return logits.numpy(), present

@@ -57,3 +57,65 @@ def test_numpy_past_and_logits_outlive_the_next_step(engine):
 def test_generate_runs_on_bound_engine(engine):
     result = generate(engine, [[1, 2, 3]], 6)
     assert len(result.tokens[0]) == 6
+
+
+class _RecordingBinding:
+    """onnxruntime's IO binding with every call recorded; outputs asked on "cuda" are served on the CPU, so the
+    CUDA binding path runs here (which values are bound how, and whether the cache comes back as OrtValues)."""
+
+    def __init__(self, binding, calls: list):
+        self._b, self.calls = binding, calls
+
+    def bind_cpu_input(self, name, array):
+        self.calls.append(("cpu_input", name))
+        self._b.bind_cpu_input(name, array)
+
+    def bind_ortvalue_input(self, name, value):
+        self.calls.append(("ortvalue_input", name))
+        self._b.bind_ortvalue_input(name, value)
+
+    def bind_output(self, name, device_type="cpu", *args):
+        self.calls.append(("output", name, device_type))
+        self._b.bind_output(name)
+
+    def __getattr__(self, name):
+        return getattr(self._b, name)
+
+
+def test_cuda_binding_path_keeps_the_cache_on_the_device(engine, monkeypatch):
+    calls: list = []
+    session = engine.session
+    monkeypatch.setattr(engine, "cache_device", "cuda")
+    monkeypatch.setattr(
+        engine,
+        "session",
+        type(
+            "S",
+            (),
+            {
+                "io_binding": lambda self: _RecordingBinding(session.io_binding(), calls),
+                "run_with_iobinding": lambda self, b: session.run_with_iobinding(b._b),
+            },
+        )(),
+    )
+    ids, pos = np.array([[7, 8, 9]], dtype=np.int64), np.arange(3)[None].copy()
+    logits, present = engine.step(ids, pos, [c.empty(1) for c in engine.cache])
+    first = list(calls)
+    calls.clear()
+    logits2, _ = engine.step(np.array([[1]]), np.array([[3]]), present)
+    caches = [c.output for c in engine.cache]
+    for step_calls in (first, calls):
+        assert ("output", "logits", "cpu") in step_calls
+        assert [c for c in step_calls if c[0] == "output" and c[1] in caches] == [("output", n, "cuda") for n in caches]
+    inputs = [c.input for c in engine.cache]
+    assert {"input_ids", "position_ids", *inputs} <= {c[1] for c in first if c[0] == "cpu_input"}  # numpy past
+    # the second step binds the previous present as it is: no host copy of the cache
+    assert [c[1] for c in calls if c[0] == "ortvalue_input"] == inputs
+    assert not {c[1] for c in calls if c[0] == "cpu_input"} & set(inputs)
+    monkeypatch.undo()
+    want, _ = engine.step(np.array([[1]]), np.array([[3]]), present)
+    np.testing.assert_array_equal(logits2, want)
+
+
+def test_cache_device_follows_the_provider(engine):
+    assert engine.cache_device == "cpu" and engine.session.get_providers()[0] == "CPUExecutionProvider"
