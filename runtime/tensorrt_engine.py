@@ -148,12 +148,13 @@ class TensorRTEngine:
         if len(past) != len(self.cache):
             raise EngineError(f"{self.path}: expected {len(self.cache)} cache tensors, got {len(past)}")
         seq = np.shape(input_ids)[1]
-        if seq == 1 or "prefill" not in self._profiles:
+        if seq == 1:
             return self._run("decode", input_ids, position_ids, past)
+        profile, chunk = ("prefill", self._chunk) if "prefill" in self._profiles else ("decode", 1)
         pieces = []
-        for start in range(0, seq, self._chunk):
-            end = min(start + self._chunk, seq)
-            logits, past = self._run("prefill", input_ids[:, start:end], position_ids[:, start:end], past)
+        for start in range(0, seq, chunk):
+            end = min(start + chunk, seq)
+            logits, past = self._run(profile, input_ids[:, start:end], position_ids[:, start:end], past)
             pieces.append(logits)
         return (pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=1)), past
 

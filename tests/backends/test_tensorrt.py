@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import importlib.machinery
 import json
 import re
 import sys
@@ -260,7 +261,8 @@ def _with_initializers(model: onnx.ModelProto, inits) -> onnx.ModelProto:
     out = onnx.ModelProto()
     out.CopyFrom(model)
     for i in inits:
-        out.graph.initializer.append(onnx.numpy_helper.from_array(i.load().numpy(), i.name))
+        raw = i.load().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        out.graph.initializer.append(helper.make_tensor(i.name, ONNX_DTYPES[i.dtype], list(i.shape), raw, raw=True))
     return out
 
 
@@ -467,6 +469,7 @@ def fake_tensorrt(record: dict) -> types.ModuleType:
     """The slice of TensorRT 10's Python API that build_engine and TensorRTEngine call; the "plan" is the parsed
     ONNX model with its weights inlined, executed by onnxruntime on host memory at the addresses given."""
     trt = types.ModuleType("tensorrt")
+    trt.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)  # torch._dynamo asks find_spec("tensorrt")
     trt.__version__ = "10.99-fake"
     for name in ("float32", "float16", "bfloat16", "int64", "int32", "int8", "uint8", "bool"):
         setattr(trt, name, name)
@@ -893,3 +896,52 @@ def test_tensorrt_before_10_13_builds_with_fp8_dequantized(fake_trt: dict, monke
     assert any("TensorRT 10.8 has no FP8 block dequantization" in r.message for r in caplog.records)
     parsed = fake_trt["network"].model
     assert TensorProto.FLOAT8E4M3FN not in {t.data_type for t in parsed.graph.initializer}
+
+
+def test_plan_without_a_prefill_profile_feeds_prompts_token_by_token(fake_trt: dict, tmp_path: Path):
+    ckpt = make_model("tiny", tmp_path / "ckpt", seed=3, lm_head_scale=4.0)
+    _, _, generated = hf_reference_logits(ckpt, PROMPT, 2)
+    profiles = profiles_from_flags(2, 16, prefill_chunk=1)
+    plan = build_engine(compiled_graph(ckpt), tmp_path / "m.plan", profiles=profiles)
+    assert len(fake_trt["profiles"]) == 1
+    assert generate(TensorRTEngine(plan, device="cpu"), PROMPT, 3).tokens == generated
+    assert fake_trt["runs"] == [(0, 1)] * (len(PROMPT[0]) + 2)
+
+
+def test_fp8_blocks_held_out_shapes():
+    """Whole blocks stay as written; a 3-D (expert) scale and a DequantizeLinear feeding a Gather are dequantized at
+    compile time; numbers equal onnxruntime's DequantizeLinear of the original."""
+    from dsc.backends.tensorrt_types import fp8_for_tensorrt
+
+    g = torch.Generator().manual_seed(0)
+    w2 = (torch.randn(256, 3, generator=g) * 4).to(torch.float8_e4m3fn)
+    s2 = torch.rand(2, 3, generator=g) + 0.5
+    w3 = (torch.randn(2, 384, 5, generator=g) * 4).to(torch.float8_e4m3fn)
+    s3 = torch.rand(2, 3, 5, generator=g) + 0.5
+    inits = [
+        Initializer(n, t.dtype, tuple(t.shape), lambda t=t: t)
+        for n, t in (("w2", w2), ("s2", s2), ("w3", w3), ("s3", s3), ("i", torch.tensor([1])))
+    ]
+    nodes = [
+        helper.make_node("DequantizeLinear", ["w2", "s2"], ["d2"], name="a", axis=0, block_size=128),
+        helper.make_node("DequantizeLinear", ["w3", "s3"], ["d3"], name="b", axis=1, block_size=128),
+        helper.make_node("Gather", ["d3", "i"], ["e"], name="g", axis=0),
+    ]
+    outs = [vi("d2", TensorProto.FLOAT, [256, 3]), vi("e", TensorProto.FLOAT, [1, 384, 5])]
+    model = helper.make_model(helper.make_graph(nodes, "g", [], outs), opset_imports=[helper.make_opsetid("", 21)])
+    out, new, stats = fp8_for_tensorrt(model, inits, (10, 13))
+    assert stats == {"kept": 1, "padded": 0, "dequantized": 1, "dequantized_bytes": 2 * 384 * 5 * 4}
+    assert [n.op_type for n in out.graph.node] == ["DequantizeLinear", "Gather"]
+    assert {i.name: i.dtype for i in new} == {
+        "w2": torch.float8_e4m3fn,
+        "s2": torch.float32,
+        "w3": torch.float32,
+        "i": torch.int64,
+    }
+
+    def run(m, i):
+        session = ort.InferenceSession(_with_initializers(m, i).SerializeToString(), providers=["CPUExecutionProvider"])
+        return session.run(None, {})
+
+    for got, want in zip(run(out, new), run(model, inits), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6)
