@@ -70,6 +70,14 @@ class OnnxBackend:
         return finish_engine(graph, backend=self.name, engine=out, files=files, extra=kernel_facts(model))
 
 
+# DeepSeek-V3.2 DSA (backends/onnx.py _sparse_attention): one form for prefill and decode.
+SPARSE_ATTENTION_FORM = {
+    "decode": "gather: the indexer's top-k latent rows (GatherND), then attention over them, O(top-k)",
+    "prefill": "gather, the same graph as decode (no dense-mask form is built; README, DeepSeek-V3.2)",
+    "indexer": "O(T) per query: ReLU scores over the indexer key cache, TopK with lower position first on ties",
+}
+
+
 def kernel_facts(model) -> dict:
     """What runs the weights, from the emitted ONNX: contrib kernels used, their accuracy levels and block sizes,
     and the prefill form (recorded in the manifest; ``dsc inspect`` shows the weight formats per group)."""
@@ -83,9 +91,14 @@ def kernel_facts(model) -> dict:
                     levels.add(a.i)
                 if a.name == "block_size":
                     blocks.add(a.i)
+    facts: dict = {}
+    if any(node.op_type == "LayerNormalization" for node in model.graph.node) and any(
+        node.op_type == "GatherND" for node in model.graph.node
+    ):  # DSA (only the V3.2 lowerings emit these two)
+        facts["sparse_attention"] = SPARSE_ATTENTION_FORM
     if not counts:
-        return {}
-    facts: dict = {"contrib_kernels": counts}
+        return facts
+    facts["contrib_kernels"] = counts
     if levels:
         facts["accuracy_level"] = sorted(levels)
         facts["int_blocks"] = sorted(blocks)

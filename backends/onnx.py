@@ -316,6 +316,65 @@ def _attention_one_kv_head(t: Tape, n: Node, ins: list[str], heads: int) -> None
     t.result("Reshape", [t.op("MatMul", [probs, values]), t.i64([0, -1, heads, dv])])
 
 
+# -- DeepSeek-V3.2 sparse attention (DSA, DESIGN.md §9): the indexer, then attention over the selected rows ----
+def _query_positions(t: Tape, q: str, k: str) -> str:
+    """[s, 1] int64: the absolute position of each new token, the cache in front (T - s + i)."""
+    s_len = t.op("Gather", [t.op("Shape", [q]), t.i64(1)], axis=0)
+    t_len = t.op("Gather", [t.op("Shape", [k]), t.i64(1)], axis=0)
+    rows = t.op("Add", [t.op("Range", [t.i64(0), s_len, t.i64(1)]), t.op("Sub", [t_len, s_len])])
+    return t.op("Unsqueeze", [rows, t.i64([1])])
+
+
+def _index_topk(t: Tape, n: Node, ins: list[str]) -> None:
+    """The lightning indexer: O(T) per query, the only part of DSA that reads the whole context. Scores
+    sum_h w[h] relu(q[h] . k) as two MatMuls ([b,s,H,d] @ [b,1,d,T], then [b,s,1,H] @ [b,s,H,T]), later keys at
+    -inf, then TopK of min(top_k, T) with ONNX's tie rule (equal scores: lower position first, the interpreter's
+    too). A key-padding mask (attention_mask [b, T]) would join ``future`` in the Where, so padded keys are never
+    selected."""
+    q, k, w = ins
+    a = n.attrs
+    keys_t = t.op("Unsqueeze", [t.op("Transpose", [k], perm=[0, 2, 1]), t.i64([1])])  # [b, 1, d, T]
+    dots = t.op("Relu", [t.op("Mul", [t.op("MatMul", [q, keys_t]), t.f32(a["scale"])])])  # [b, s, H, T]
+    heads = t.op("Unsqueeze", [t.op("Mul", [w, t.f32(a["weight_scale"])]), t.i64([2])])  # [b, s, 1, H]
+    scores = t.op("Squeeze", [t.op("MatMul", [heads, dots]), t.i64([2])])  # [b, s, T]
+    positions = t.op("Range", [t.i64(0), t.op("Gather", [t.op("Shape", [k]), t.i64(1)], axis=0), t.i64(1)])
+    future = t.op("Greater", [positions, _query_positions(t, q, k)])  # [s, T]
+    scores = t.op("Where", [future, t.f32(-np.inf), scores])
+    count = t.op("Min", [t.op("Slice", [t.op("Shape", [k]), t.i64([1]), t.i64([2])]), t.i64([a["top_k"]])])
+    values = t.e.fresh(f"{n.name}/TopK_values")
+    t._emit("TopK", [scores, count], [values, n.output.name], {"axis": -1, "largest": 1, "sorted": 1})
+
+
+def _gather_rows(t: Tape, x: str, idx: str, heads: int, dim: int) -> str:
+    """Rows ``idx`` [b, s, K] of a cache [b, T, heads, dim] -> [b, s, K, heads, dim]: O(K) per query."""
+    flat = t.op("Reshape", [x, t.i64([0, 0, -1])])
+    rows = t.op("GatherND", [flat, t.op("Unsqueeze", [idx, t.i64([-1])])], batch_dims=1)  # [b, s, K, heads*dim]
+    return t.op("Reshape", [rows, t.i64([0, 0, 0, heads, dim])])
+
+
+def _sparse_attention(t: Tape, n: Node, ins: list[str]) -> None:
+    """Attention over the indexer's K selected keys only, gathered first (cost O(K) per query, never a dense
+    attention with a mask): queries grouped by kv head [b, s, Hk, H/Hk, dk] @ keys [b, s, Hk, dk, K]. A selected
+    key after its query (a prompt row with fewer than K earlier keys) stays hidden."""
+    q, k, v, idx = ins
+    heads, kv_heads = n.inputs[0].type.shape[2], n.inputs[1].type.shape[2]
+    dk, dv = n.inputs[0].type.shape[3], n.inputs[2].type.shape[3]
+    keys = _gather_rows(t, k, idx, kv_heads, dk)  # [b, s, K, Hk, dk]
+    values = keys if v == k else _gather_rows(t, v, idx, kv_heads, dv)
+    grouped = t.op("Reshape", [q, t.i64([0, 0, kv_heads, heads // kv_heads, dk])])
+    scores = t.op("MatMul", [grouped, t.op("Transpose", [keys], perm=[0, 1, 3, 4, 2])])  # [b, s, Hk, G, K]
+    scores = t.op("Mul", [scores, t.f32(n.attrs["scale"])])
+    future = t.op("Greater", [idx, _query_positions(t, q, k)])  # [b, s, K]
+    future = t.op("Unsqueeze", [future, t.i64([2, 3])])
+    probs = t.op("Softmax", [t.op("Where", [future, t.f32(-np.inf), scores])], axis=-1)
+    out = t.op("MatMul", [probs, t.op("Transpose", [values], perm=[0, 1, 3, 2, 4])])  # [b, s, Hk, G, dv]
+    t.result("Reshape", [out, t.i64([0, 0, heads, dv])])
+
+
+def _layer_norm(t: Tape, n: Node, ins: list[str]) -> None:
+    t.result("LayerNormalization", ins, axis=-1, epsilon=n.attrs["eps"])
+
+
 def _kth_largest(t: Tape, x: str, k: int, axis: int) -> str:
     """The k-th largest value of ``x`` along ``axis`` (kept as a size-1 axis): with ``it <= x`` (LessOrEqual, which
     TensorRT parses, unlike GreaterOrEqual), a top-k mask in
@@ -655,6 +714,9 @@ LOWERINGS: dict[Op, Lowering] = {
         Lowering(Op.RMS_NORM, _rms_norm),
         Lowering(Op.ROPE, _rope),
         Lowering(Op.ATTENTION, _attention),
+        Lowering(Op.INDEX_TOPK, _index_topk),
+        Lowering(Op.SPARSE_ATTENTION, _sparse_attention),
+        Lowering(Op.LAYER_NORM, _layer_norm),
         Lowering(Op.ADD, _simple("Add")),
         Lowering(Op.MUL, _simple("Mul")),
         Lowering(Op.SILU, _silu),
