@@ -100,8 +100,9 @@ def _model_text(path: Path, s: dict[str, Any]) -> str:
         d = s["sparse_attention"]
         lines.insert(
             -1,
-            f"  sparse attn   DSA: indexer {d['index_heads']} heads x {d['index_head_dim']} dims, top-{d['index_topk']} "
-            f"keys per query; indexer cache {d['indexer_cache_bytes_per_token_fp32']:,} B/token (in both figures below)",
+            f"  sparse attn   DSA: indexer {d['index_heads']} heads x {d['index_head_dim']} dims, "
+            f"top-{d['index_topk']} keys per query; indexer cache "
+            f"{d['indexer_cache_bytes_per_token_fp32']:,} B/token (in both figures below)",
         )
     if s["mtp_layers_skipped"]:
         lines.append(f"  mtp           {s['mtp_layers_skipped']} multi-token-prediction layer(s) present, not compiled")
