@@ -70,12 +70,17 @@ class OnnxBackend:
         return finish_engine(graph, backend=self.name, engine=out, files=files, extra=kernel_facts(model))
 
 
-# DeepSeek-V3.2 DSA (backends/onnx.py _sparse_attention): one form for prefill and decode.
-SPARSE_ATTENTION_FORM = {
-    "decode": "gather: the indexer's top-k latent rows (GatherND), then attention over them, O(top-k)",
-    "prefill": "gather, the same graph as decode (no dense-mask form is built; README, DeepSeek-V3.2)",
-    "indexer": "O(T) per query: ReLU scores over the indexer key cache, TopK with lower position first on ties",
-}
+def sparse_attention_facts(model) -> dict | None:
+    """DeepSeek-V3.2 DSA's lowering form, for the manifest (backends/onnx.py _sparse_attention), or None."""
+    ops = {node.op_type for node in model.graph.node}
+    if "LayerNormalization" not in ops or not ops & {"If", "GatherND"}:  # only the V3.2 lowerings emit these
+        return None
+    prefill = "mask: dense scores with the unselected keys at -inf" if "If" in ops else "gather, as decode"
+    return {
+        "decode": "gather: the indexer's top-k latent rows (GatherND), then attention over them, O(top-k)",
+        "prefill": prefill + " (chosen by measurement: README, DeepSeek-V3.2; benchmarks/bench_dsa.py)",
+        "indexer": "O(T) per query: ReLU scores over the indexer key cache, TopK with lower position first on ties",
+    }
 
 
 def kernel_facts(model) -> dict:
@@ -92,10 +97,9 @@ def kernel_facts(model) -> dict:
                 if a.name == "block_size":
                     blocks.add(a.i)
     facts: dict = {}
-    if any(node.op_type == "LayerNormalization" for node in model.graph.node) and any(
-        node.op_type == "GatherND" for node in model.graph.node
-    ):  # DSA (only the V3.2 lowerings emit these two)
-        facts["sparse_attention"] = SPARSE_ATTENTION_FORM
+    sparse = sparse_attention_facts(model)
+    if sparse is not None:
+        facts["sparse_attention"] = sparse
     if not counts:
         return facts
     facts["contrib_kernels"] = counts

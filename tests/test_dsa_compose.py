@@ -135,3 +135,32 @@ def test_v32_config_errors_name_the_file(tmp_path, capsys):
         assert main(["inspect", str(d / "config.json")]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "config.json" in err and words in err, err
+
+
+def test_tensorrt_flavour_is_on_the_support_list_and_refuses_large_top_k(tiny, tmp_path):
+    """The standard-ops lowering TensorRT parses: every op (If branches included) on backends/tensorrt_ops.py's
+    list, TopK's K a constant; an index_topk of 3840 or more is refused in one line (TensorRT's TopK limit)."""
+    import onnx
+    from dsc.backends.tensorrt import tensorrt_onnx
+    from dsc.backends.tensorrt_ops import OP_TYPES
+    from dsc.errors import CompileError
+
+    def step_graph(ckpt: Path):
+        _, graph = load_graph(ckpt)
+        return make_pass_manager(CompileOptions(), None).run(graph)
+
+    model, _ = tensorrt_onnx(step_graph(tiny))  # raises CompileError on any problem of the top-level graph
+
+    def ops(nodes):
+        for node in nodes:
+            yield node.op_type
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    yield from ops(attr.g.node)
+
+    used = set(ops(model.graph.node))
+    assert {"If", "TopK", "GatherND", "LayerNormalization"} <= used
+    assert used <= set(OP_TYPES), used - set(OP_TYPES)
+    big = make_model(dict(PRESETS["tiny-v32"], index_topk=4096), tmp_path / "big", seed=1)
+    with pytest.raises(CompileError, match="K=4096 must be less than 3840"):
+        tensorrt_onnx(step_graph(big))
