@@ -333,7 +333,8 @@ def _index_topk(t: Tape, n: Node, ins: list[str]) -> None:
     selected."""
     q, k, w = ins
     a = n.attrs
-    keys_t = t.op("Unsqueeze", [t.op("Transpose", [k], perm=[0, 2, 1]), t.i64([1])])  # [b, 1, d, T]
+    # Transpose right into the MatMul: onnxruntime fuses it (FusedMatMul transB) and reads the cache in place
+    keys_t = t.op("Transpose", [t.op("Unsqueeze", [k, t.i64([1])])], perm=[0, 1, 3, 2])  # [b, 1, d, T]
     dots = t.op("Relu", [t.op("Mul", [t.op("MatMul", [q, keys_t]), t.f32(a["scale"])])])  # [b, s, H, T]
     heads = t.op("Unsqueeze", [t.op("Mul", [w, t.f32(a["weight_scale"])]), t.i64([2])])  # [b, s, 1, H]
     scores = t.op("Squeeze", [t.op("MatMul", [heads, dots]), t.i64([2])])  # [b, s, T]
@@ -379,12 +380,20 @@ def _sparse_gather(t: Tape, n: Node, ins: list[str]) -> str:
     q, k, v, idx = ins
     heads, kv_heads = n.inputs[0].type.shape[2], n.inputs[1].type.shape[2]
     dk, dv = n.inputs[0].type.shape[3], n.inputs[2].type.shape[3]
+    future = t.op("Greater", [idx, _query_positions(t, q, k)])  # [b, s, K]
+    if kv_heads == 1:  # MLA's latent: [b, s, H, dk] @ rows^T [b, s, dk, K], the transpose fused into the MatMul
+        keys = t.op("Reshape", [_gather_rows(t, k, idx, 1, dk), t.i64([0, 0, 0, dk])])  # [b, s, K, dk]
+        values = keys if v == k else t.op("Reshape", [_gather_rows(t, v, idx, 1, dv), t.i64([0, 0, 0, dv])])
+        scores = t.op("MatMul", [q, t.op("Transpose", [keys], perm=[0, 1, 3, 2])])  # [b, s, H, K]
+        scores = t.op("Mul", [scores, t.f32(n.attrs["scale"])])
+        hidden = t.op("Unsqueeze", [future, t.i64([2])])
+        probs = t.op("Softmax", [t.op("Where", [hidden, t.f32(-np.inf), scores])], axis=-1)
+        return t.op("MatMul", [probs, values])  # [b, s, H, dv]
     keys = _gather_rows(t, k, idx, kv_heads, dk)  # [b, s, K, Hk, dk]
     values = keys if v == k else _gather_rows(t, v, idx, kv_heads, dv)
     grouped = t.op("Reshape", [q, t.i64([0, 0, kv_heads, heads // kv_heads, dk])])
     scores = t.op("MatMul", [grouped, t.op("Transpose", [keys], perm=[0, 1, 3, 4, 2])])  # [b, s, Hk, G, K]
     scores = t.op("Mul", [scores, t.f32(n.attrs["scale"])])
-    future = t.op("Greater", [idx, _query_positions(t, q, k)])  # [b, s, K]
     future = t.op("Unsqueeze", [future, t.i64([2, 3])])
     probs = t.op("Softmax", [t.op("Where", [future, t.f32(-np.inf), scores])], axis=-1)
     out = t.op("MatMul", [probs, t.op("Transpose", [values], perm=[0, 1, 3, 2, 4])])  # [b, s, Hk, G, dv]

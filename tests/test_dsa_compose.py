@@ -164,3 +164,26 @@ def test_tensorrt_flavour_is_on_the_support_list_and_refuses_large_top_k(tiny, t
     big = make_model(dict(PRESETS["tiny-v32"], index_topk=4096), tmp_path / "big", seed=1)
     with pytest.raises(CompileError, match="K=4096 must be less than 3840"):
         tensorrt_onnx(step_graph(big))
+
+
+def test_profile_place_and_expert_parallel_with_placement(tiny, tmp_path, capsys):
+    """dsc profile counts tokens per routed expert through the V3.2 interpreter; its placement compiles into an
+    expert-parallel engine that still equals the single-rank one (1e-5)."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(",".join(map(str, row)) for row in PROMPT) + "\n")
+    assert main(["profile", str(tiny), "--prompts", str(prompts), "-o", str(tmp_path / "load.json")]) == 0
+    load = json.loads((tmp_path / "load.json").read_text())
+    counts = np.asarray(load["load"] if isinstance(load, dict) and "load" in load else load)
+    moe_layers = sum(1 for i in range(3) if i >= PRESETS["tiny-v32"]["first_k_dense_replace"])
+    assert counts.shape == (moe_layers, 8)
+    # every token of every prompt reaches num_experts_per_tok experts in each MoE layer
+    assert (counts.sum(axis=1) == len(PROMPT) * len(PROMPT[0]) * 2).all()
+    args = ["--ranks", "2", "--slots", "10", "--groups", "2", "-o", str(tmp_path / "placement.json")]
+    assert main(["place", "--load", str(tmp_path / "load.json"), *args]) == 0
+    capsys.readouterr()
+    compile_model(tiny, tmp_path / "ep", CompileOptions(ep_size=2, placement=tmp_path / "placement.json"))
+    single = OnnxEngine(compile_model(tiny, tmp_path / "one.onnx", CompileOptions()).output, threads=1)
+    ref = generate(single, PROMPT, 3, keep_logits=True)
+    ep = run_expert_parallel(tmp_path / "ep", 2, PROMPT, 3, keep_logits=True)
+    assert ep.tokens == ref.tokens
+    assert float(np.abs(ep.prefill_logits - ref.prefill_logits).max() / np.abs(ref.prefill_logits).max()) <= 1e-5
