@@ -192,8 +192,13 @@ class ModelConfig:
         return scale
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able (tuples become lists), for manifests."""
-        return json.loads(json.dumps(asdict(self)))
+        """JSON-able (tuples become lists), for manifests. DSA's fields go under config.json's own names, so the
+        manifest's config reads back with config_from_dict (V2/V3 manifests are unchanged)."""
+        raw = asdict(self)
+        sparse = raw.pop("sparse_attention")
+        if sparse is not None:
+            raw.update(index_n_heads=sparse["heads"], index_head_dim=sparse["head_dim"], index_topk=sparse["topk"])
+        return json.loads(json.dumps(raw))
 
 
 class _Fields:

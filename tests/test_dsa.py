@@ -78,6 +78,8 @@ def test_onnx_engine_matches_transformers(case: Case, form: str, tmp_path: Path)
     assert roles.count("key" if form == "naive" else "latent") == layers
     assert "indexer_key" in manifest.kv_cache.layout
     assert "gather" in manifest.extra["sparse_attention"]["decode"]
+    assert manifest.extra["sparse_attention"]["prefill"].startswith("mask")
+    assert manifest.config["index_topk"] == DSA_CONFIGS[case.name]["index_topk"]  # reads back as config.json
     index_dim = DSA_CONFIGS[case.name]["index_head_dim"]
     assert all(c.shape == ("batch", "past", index_dim) for c in manifest.kv_cache.tensors if c.role == "indexer_key")
     past = [c.empty(len(PROMPT)) for c in engine.cache]
