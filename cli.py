@@ -288,7 +288,7 @@ def _add_place(sub) -> None:
 
 def _add_make_model(sub) -> None:
     m = sub.add_parser("make-model", help="write a random-weight checkpoint in the Hugging Face format")
-    m.add_argument("preset", help="tiny or bench")
+    m.add_argument("preset", help="tiny, bench (DeepSeek-V3), tiny-v32 or bench-v32 (DeepSeek-V3.2 sparse attention)")
     m.add_argument("-o", "--output", type=Path, required=True, help="directory to create")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--fp8", action="store_true", help="store linear weights as FP8 with 128x128 block scales")

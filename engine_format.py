@@ -39,6 +39,16 @@ KV_LAYOUTS = {
 }
 
 
+# DeepSeek-V3.2 (DSA): beside MLA's cache, each layer caches its lightning indexer's keys under this role
+INDEXER_LAYOUT = "plus per layer indexer_key [batch, past, index_head_dim]: the indexer's LayerNorm-ed, rotated keys"
+
+
+def _kv_layout(form: str, cache: tuple[CacheTensor, ...]) -> str:
+    if any(c.role == "indexer_key" for c in cache):
+        return f"{KV_LAYOUTS[form]}; {INDEXER_LAYOUT}"
+    return KV_LAYOUTS[form]
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """An engine input or output: name, dtype name and shape (symbolic dims as strings)."""
@@ -339,7 +349,7 @@ def manifest_from_graph(graph: Graph, *, backend: str, files: list[Path], **fiel
         config=cfg.to_dict(),
         inputs=tuple(TensorSpec.of(v) for v in graph.inputs),
         outputs=tuple(TensorSpec.of(v) for v in graph.outputs),
-        kv_cache=KvCache(form, KV_LAYOUTS[form], kv_bytes_per_token(graph), cache),
+        kv_cache=KvCache(form, _kv_layout(form, cache), kv_bytes_per_token(graph), cache),
         params=sum(g["params"] for g in groups),  # model parameters: block scales are not counted
         active_params_per_token=active_params(graph),
         passes=tuple(PassEntry(**r) for r in graph.meta.get("pass_records", ())),

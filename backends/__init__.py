@@ -70,6 +70,19 @@ class OnnxBackend:
         return finish_engine(graph, backend=self.name, engine=out, files=files, extra=kernel_facts(model))
 
 
+def sparse_attention_facts(model) -> dict | None:
+    """DeepSeek-V3.2 DSA's lowering form, for the manifest (backends/onnx.py _sparse_attention), or None."""
+    ops = {node.op_type for node in model.graph.node}
+    if "LayerNormalization" not in ops or not ops & {"If", "GatherND"}:  # only the V3.2 lowerings emit these
+        return None
+    prefill = "mask: dense scores with the unselected keys at -inf" if "If" in ops else "gather, as decode"
+    return {
+        "decode": "gather: the indexer's top-k latent rows (GatherND), then attention over them, O(top-k)",
+        "prefill": prefill + " (chosen by measurement: README, DeepSeek-V3.2; benchmarks/bench_dsa.py)",
+        "indexer": "O(T) per query: ReLU scores over the indexer key cache, TopK with lower position first on ties",
+    }
+
+
 def kernel_facts(model) -> dict:
     """What runs the weights, from the emitted ONNX: contrib kernels used, their accuracy levels and block sizes,
     and the prefill form (recorded in the manifest; ``dsc inspect`` shows the weight formats per group)."""
@@ -83,9 +96,13 @@ def kernel_facts(model) -> dict:
                     levels.add(a.i)
                 if a.name == "block_size":
                     blocks.add(a.i)
+    facts: dict = {}
+    sparse = sparse_attention_facts(model)
+    if sparse is not None:
+        facts["sparse_attention"] = sparse
     if not counts:
-        return {}
-    facts: dict = {"contrib_kernels": counts}
+        return facts
+    facts["contrib_kernels"] = counts
     if levels:
         facts["accuracy_level"] = sorted(levels)
         facts["int_blocks"] = sorted(blocks)

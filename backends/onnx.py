@@ -316,6 +316,164 @@ def _attention_one_kv_head(t: Tape, n: Node, ins: list[str], heads: int) -> None
     t.result("Reshape", [t.op("MatMul", [probs, values]), t.i64([0, -1, heads, dv])])
 
 
+# -- DeepSeek-V3.2 sparse attention (DSA, DESIGN.md §9): the indexer, then attention over the selected rows ----
+def _query_positions(t: Tape, q: str, k: str) -> str:
+    """[s, 1] int64: the absolute position of each new token, the cache in front (T - s + i)."""
+    s_len = t.op("Gather", [t.op("Shape", [q]), t.i64(1)], axis=0)
+    t_len = t.op("Gather", [t.op("Shape", [k]), t.i64(1)], axis=0)
+    rows = t.op("Add", [t.op("Range", [t.i64(0), s_len, t.i64(1)]), t.op("Sub", [t_len, s_len])])
+    return t.op("Unsqueeze", [rows, t.i64([1])])
+
+
+def _index_topk(t: Tape, n: Node, ins: list[str]) -> None:
+    """The lightning indexer: O(T) per query, the only part of DSA that reads the whole context. Scores
+    sum_h w[h] relu(q[h] . k) as two MatMuls ([b,s,H,d] @ [b,1,d,T], then [b,s,1,H] @ [b,s,H,T]), later keys at
+    -inf, then TopK of min(top_k, T) with ONNX's tie rule (equal scores: lower position first, the interpreter's
+    too). A key-padding mask (attention_mask [b, T]) would join ``future`` in the Where, so padded keys are never
+    selected."""
+    q, k, w = ins
+    a = n.attrs
+    # Transpose right into the MatMul: onnxruntime fuses it (FusedMatMul transB) and reads the cache in place
+    keys_t = t.op("Transpose", [t.op("Unsqueeze", [k, t.i64([1])])], perm=[0, 1, 3, 2])  # [b, 1, d, T]
+    dots = t.op("Relu", [t.op("Mul", [t.op("MatMul", [q, keys_t]), t.f32(a["scale"])])])  # [b, s, H, T]
+    heads = t.op("Unsqueeze", [t.op("Mul", [w, t.f32(a["weight_scale"])]), t.i64([2])])  # [b, s, 1, H]
+    scores = t.op("Squeeze", [t.op("MatMul", [heads, dots]), t.i64([2])])  # [b, s, T]
+    positions = t.op("Range", [t.i64(0), t.op("Gather", [t.op("Shape", [k]), t.i64(1)], axis=0), t.i64(1)])
+    future = t.op("Greater", [positions, _query_positions(t, q, k)])  # [s, T]
+    scores = t.op("Where", [future, t.f32(-np.inf), scores])
+    t_len = t.op("Slice", [t.op("Shape", [k]), t.i64([1]), t.i64([2])])
+    if t.moe_lowering == "gather":
+        # The standard-ops (TensorRT) flavour: TensorRT wants TopK's K a build-time constant (< 3840, checked by
+        # backends/tensorrt_ops.py), so the scores are padded with -inf up to top_k keys. Padding sorts after every
+        # real key (ties go lowest position first), so it only appears when every key is selected anyway; the
+        # sparse attention clamps and hides positions >= T.
+        pad = t.op("Max", [t.op("Sub", [t.i64([a["top_k"]]), t_len]), t.i64([0])])
+        grid = t.op("Concat", [t.op("Slice", [t.op("Shape", [scores]), t.i64([0]), t.i64([2])]), pad], axis=0)
+        fill = helper.make_tensor("minus_inf", TensorProto.FLOAT, [1], [-np.inf])
+        scores = t.op("Concat", [scores, t.op("ConstantOfShape", [grid], value=fill)], axis=-1)
+        count = t.i64([a["top_k"]])
+    else:
+        count = t.op("Min", [t_len, t.i64([a["top_k"]])])
+    values = t.e.fresh(f"{n.name}/TopK_values")
+    t._emit("TopK", [scores, count], [values, n.output.name], {"axis": -1, "largest": 1, "sorted": 1})
+
+
+def _in_range(t: Tape, idx: str, k: str) -> str:
+    """Selected positions clamped to the keys that exist (the padded static-K selection may name T.. top_k - 1;
+    those are hidden as keys after the query, since every query sits at a position < T)."""
+    last = t.op("Sub", [t.op("Gather", [t.op("Shape", [k]), t.i64(1)], axis=0), t.i64(1)])
+    return t.op("Min", [idx, last])
+
+
+def _gather_rows(t: Tape, x: str, idx: str, heads: int, dim: int) -> str:
+    """Rows ``idx`` [b, s, K] of a cache [b, T, heads, dim] -> [b, s, K, heads, dim]: O(K) per query."""
+    idx = _in_range(t, idx, x)
+    flat = t.op("Reshape", [x, t.i64([0, 0, -1])])
+    rows = t.op("GatherND", [flat, t.op("Unsqueeze", [idx, t.i64([-1])])], batch_dims=1)  # [b, s, K, heads*dim]
+    return t.op("Reshape", [rows, t.i64([0, 0, 0, heads, dim])])
+
+
+def _sparse_gather(t: Tape, n: Node, ins: list[str]) -> str:
+    """Attention over the indexer's K selected keys only, gathered first (cost O(K) per query, never a dense
+    attention with a mask): queries grouped by kv head [b, s, Hk, H/Hk, dk] @ keys [b, s, Hk, dk, K]. A selected
+    key after its query (a prompt row with fewer than K earlier keys) stays hidden."""
+    q, k, v, idx = ins
+    heads, kv_heads = n.inputs[0].type.shape[2], n.inputs[1].type.shape[2]
+    dk, dv = n.inputs[0].type.shape[3], n.inputs[2].type.shape[3]
+    future = t.op("Greater", [idx, _query_positions(t, q, k)])  # [b, s, K]
+    if kv_heads == 1:  # MLA's latent: [b, s, H, dk] @ rows^T [b, s, dk, K], the transpose fused into the MatMul
+        keys = t.op("Reshape", [_gather_rows(t, k, idx, 1, dk), t.i64([0, 0, 0, dk])])  # [b, s, K, dk]
+        values = keys if v == k else t.op("Reshape", [_gather_rows(t, v, idx, 1, dv), t.i64([0, 0, 0, dv])])
+        scores = t.op("MatMul", [q, t.op("Transpose", [keys], perm=[0, 1, 3, 2])])  # [b, s, H, K]
+        scores = t.op("Mul", [scores, t.f32(n.attrs["scale"])])
+        hidden = t.op("Unsqueeze", [future, t.i64([2])])
+        probs = t.op("Softmax", [t.op("Where", [hidden, t.f32(-np.inf), scores])], axis=-1)
+        return t.op("MatMul", [probs, values])  # [b, s, H, dv]
+    keys = _gather_rows(t, k, idx, kv_heads, dk)  # [b, s, K, Hk, dk]
+    values = keys if v == k else _gather_rows(t, v, idx, kv_heads, dv)
+    grouped = t.op("Reshape", [q, t.i64([0, 0, kv_heads, heads // kv_heads, dk])])
+    scores = t.op("MatMul", [grouped, t.op("Transpose", [keys], perm=[0, 1, 3, 4, 2])])  # [b, s, Hk, G, K]
+    scores = t.op("Mul", [scores, t.f32(n.attrs["scale"])])
+    future = t.op("Unsqueeze", [future, t.i64([2, 3])])
+    probs = t.op("Softmax", [t.op("Where", [future, t.f32(-np.inf), scores])], axis=-1)
+    out = t.op("MatMul", [probs, t.op("Transpose", [values], perm=[0, 1, 3, 2, 4])])  # [b, s, Hk, G, dv]
+    return t.op("Reshape", [out, t.i64([0, 0, heads, dv])])
+
+
+def _sparse_mask(t: Tape, n: Node, ins: list[str]) -> str:
+    """The prefill form: dense scores [b, s, H, T] with every key outside the selection (or after its query)
+    at -inf. Memory O(s T H) like dense attention, where gathering holds O(s K dk) rows (measured in README)."""
+    q, k, v, idx = ins
+    heads, kv_heads = n.inputs[0].type.shape[2], n.inputs[1].type.shape[2]
+    dk, dv = n.inputs[0].type.shape[3], n.inputs[2].type.shape[3]
+    t_len = t.op("Slice", [t.op("Shape", [k]), t.i64([1]), t.i64([2])])
+    grid = t.op("Concat", [t.op("Slice", [t.op("Shape", [idx]), t.i64([0]), t.i64([2])]), t_len], axis=0)
+    chosen = t.op(
+        "ScatterElements",
+        [t.op("ConstantOfShape", [grid]), _in_range(t, idx, k), t.op("Expand", [t.f32(1.0), t.op("Shape", [idx])])],
+        axis=-1,
+    )
+    positions = t.op("Range", [t.i64(0), t.op("Squeeze", [t_len, t.i64([0])]), t.i64(1)])
+    future = t.op("Greater", [positions, _query_positions(t, q, k)])  # [s, T]
+    hidden = t.op("Or", [t.op("Equal", [chosen, t.f32(0.0)]), future])  # [b, s, T]
+    if kv_heads == 1:  # rows (query, head) against the cache in place, as the one-kv-head dense attention
+        rows = t.op("Reshape", [q, t.i64([0, -1, dk])])
+        keys = t.op("Reshape", [k, t.i64([0, -1, dk])])
+        values = keys if v == k else t.op("Reshape", [v, t.i64([0, -1, dv])])
+        scores = t.op("MatMul", [rows, t.op("Transpose", [keys], perm=[0, 2, 1])])  # [b, s*H, T]
+        by_head = t.op("Concat", [t.i64([0, -1, heads]), t_len], axis=0)  # [b, s, H, T]
+        scores = t.op("Reshape", [t.op("Mul", [scores, t.f32(n.attrs["scale"])]), by_head])
+        hidden = t.op("Unsqueeze", [hidden, t.i64([2])])  # [b, s, 1, T]
+        probs = t.op("Softmax", [t.op("Where", [hidden, t.f32(-np.inf), scores])], axis=-1)
+        flat = t.op("Reshape", [probs, t.op("Concat", [t.i64([0, -1]), t_len], axis=0)])  # [b, s*H, T]
+        out = t.op("MatMul", [flat, values])  # [b, s*H, dv]
+        return t.op("Reshape", [out, t.i64([0, -1, heads, dv])])
+    qh = t.op("Transpose", [q], perm=[0, 2, 1, 3])  # [b, H, s, d]
+    kt = t.op("Transpose", [k], perm=[0, 2, 3, 1])  # [b, H, d, T]
+    vh = t.op("Transpose", [v], perm=[0, 2, 1, 3])
+    scores = t.op("Mul", [t.op("MatMul", [qh, kt]), t.f32(n.attrs["scale"])])
+    hidden = t.op("Unsqueeze", [hidden, t.i64([1])])  # [b, 1, s, T]
+    probs = t.op("Softmax", [t.op("Where", [hidden, t.f32(-np.inf), scores])], axis=-1)
+    return t.op("Transpose", [t.op("MatMul", [probs, vh])], perm=[0, 2, 1, 3])
+
+
+# The prefill form of DSA's attention (decode, one new token, always gathers): "mask" or "gather", chosen by
+# benchmarks/bench_dsa.py --prefill-forms (README, DeepSeek-V3.2) and recorded in the manifest.
+SPARSE_PREFILL = "mask"
+SPARSE_FORMS = {"gather": _sparse_gather, "mask": _sparse_mask}
+
+
+def _branch(t: Tape, name: str, build: Callable[[], str]) -> onnx.GraphProto:
+    """A subgraph of an If: the nodes ``build`` emits (reading outer values by name), its result as output."""
+    outer, t.e.nodes = t.e.nodes, []
+    try:
+        result = build()
+        nodes = t.e.nodes
+    finally:
+        t.e.nodes = outer
+    out = helper.make_tensor_value_info(result, TensorProto.FLOAT, None)
+    return helper.make_graph(nodes, t.e.fresh(f"{t.node.name}/{name}"), [], [out])
+
+
+def _sparse_attention(t: Tape, n: Node, ins: list[str]) -> None:
+    """One new token (decode): gather the selected rows. More (prefill): the measured SPARSE_PREFILL form."""
+    if SPARSE_PREFILL == "gather":
+        t.result("Identity", [_sparse_gather(t, n, ins)])
+        return
+    s_len = t.op("Gather", [t.op("Shape", [ins[0]]), t.i64(1)], axis=0)
+    decode = t.op("Equal", [s_len, t.i64(1)])
+    t.result(
+        "If",
+        [decode],
+        then_branch=_branch(t, "decode_gather", lambda: _sparse_gather(t, n, ins)),
+        else_branch=_branch(t, f"prefill_{SPARSE_PREFILL}", lambda: SPARSE_FORMS[SPARSE_PREFILL](t, n, ins)),
+    )
+
+
+def _layer_norm(t: Tape, n: Node, ins: list[str]) -> None:
+    t.result("LayerNormalization", ins, axis=-1, epsilon=n.attrs["eps"])
+
+
 def _kth_largest(t: Tape, x: str, k: int, axis: int) -> str:
     """The k-th largest value of ``x`` along ``axis`` (kept as a size-1 axis): with ``it <= x`` (LessOrEqual, which
     TensorRT parses, unlike GreaterOrEqual), a top-k mask in
@@ -655,6 +813,9 @@ LOWERINGS: dict[Op, Lowering] = {
         Lowering(Op.RMS_NORM, _rms_norm),
         Lowering(Op.ROPE, _rope),
         Lowering(Op.ATTENTION, _attention),
+        Lowering(Op.INDEX_TOPK, _index_topk),
+        Lowering(Op.SPARSE_ATTENTION, _sparse_attention),
+        Lowering(Op.LAYER_NORM, _layer_norm),
         Lowering(Op.ADD, _simple("Add")),
         Lowering(Op.MUL, _simple("Mul")),
         Lowering(Op.SILU, _silu),
@@ -728,6 +889,9 @@ def _drop_dead_nodes(e: _Emitter, outputs: list[str]) -> None:
         if any(o in live for o in node.output):
             kept.append(node)
             live.update(node.input)
+            for attr in node.attribute:  # an If's branches read outer values by name
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    live.update(name for inner in attr.g.node for name in inner.input)
     e.nodes = kept[::-1]
     e.initializers = [i for i in e.initializers if i.name in live]
 

@@ -56,6 +56,8 @@ OP_TYPES: dict[str, frozenset[int]] = {
     "GatherND": _FIB,
     "Greater": _FI,
     "Identity": _FIB,
+    "If": frozenset({TensorProto.BOOL}),  # DSA: decode (gather) vs prefill branch; outputs broadcastable
+    "LayerNormalization": _F,  # DSA's indexer k_norm
     "Less": _FI,
     "LessOrEqual": _FI,
     "Log": _F,
@@ -66,10 +68,12 @@ OP_TYPES: dict[str, frozenset[int]] = {
     "Neg": _FI,
     "NonZero": frozenset({TensorProto.FLOAT, TensorProto.FLOAT16}),
     "Not": frozenset({TensorProto.BOOL}),
+    "Or": frozenset({TensorProto.BOOL}),
     "Pow": _FI,
     "QuantizeLinear": _F,  # y_zero_point must be zero
     "Range": _FI,
     "Reciprocal": _F,
+    "Relu": _F,  # DSA's indexer scores
     "ReduceMax": _FI,  # axes must be an initializer
     "ReduceMean": _FI,
     "ReduceSum": _FI,

@@ -40,7 +40,9 @@ def model_summary(cfg, graph) -> dict[str, Any]:
     from dsc.ir.analysis import active_params, kv_bytes_per_token
 
     moe_layers = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
-    absorbed = cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
+    sparse = cfg.sparse_attention
+    indexer = cfg.num_hidden_layers * sparse.head_dim * 4 if sparse else 0  # DSA: the indexer's key cache
+    absorbed = cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4 + indexer
     return {
         "model_type": cfg.model_type,
         "layers": cfg.num_hidden_layers,
@@ -64,6 +66,14 @@ def model_summary(cfg, graph) -> dict[str, Any]:
             "v": cfg.v_head_dim,
             "softmax_scale": cfg.softmax_scale,
         },
+        "sparse_attention": None
+        if sparse is None
+        else {
+            "index_heads": sparse.heads,
+            "index_head_dim": sparse.head_dim,
+            "index_topk": sparse.topk,
+            "indexer_cache_bytes_per_token_fp32": indexer,
+        },
         "params": graph.param_count(),
         "active_params_per_token": active_params(graph),
         "fp32_bytes": graph.weight_bytes(),
@@ -86,6 +96,14 @@ def _model_text(path: Path, s: dict[str, Any]) -> str:
         f"  kv cache      {kv['naive']:,} B/token naive (per-head k, v) vs {kv['absorbed_latent']:,} B/token "
         f"latent ({kv['naive'] / kv['absorbed_latent']:.1f}x), fp32",
     ]
+    if s.get("sparse_attention"):
+        d = s["sparse_attention"]
+        lines.insert(
+            -1,
+            f"  sparse attn   DSA: indexer {d['index_heads']} heads x {d['index_head_dim']} dims, "
+            f"top-{d['index_topk']} keys per query; indexer cache "
+            f"{d['indexer_cache_bytes_per_token_fp32']:,} B/token (in both figures below)",
+        )
     if s["mtp_layers_skipped"]:
         lines.append(f"  mtp           {s['mtp_layers_skipped']} multi-token-prediction layer(s) present, not compiled")
     return "\n".join(lines)

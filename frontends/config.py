@@ -16,7 +16,7 @@ from typing import Any
 
 from dsc.errors import ConfigError
 
-SUPPORTED = ("deepseek_v3", "deepseek_v2")
+SUPPORTED = ("deepseek_v3", "deepseek_v2", "deepseek_v32")
 
 # Where config.json omits a field: the class defaults of transformers 5.24's DeepseekV3Config
 # (configuration_deepseek_v3.py) and DeepseekV2Config (configuration_deepseek_v2.py). None means
@@ -85,6 +85,15 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         moe_layer_freq=1,
     ),
 }
+# transformers 5.24's DeepseekV32Config: V3's fields plus the lightning indexer's (DESIGN.md §9); its MLA rope
+# is always interleaved (apply_rotary_pos_emb_interleave), whatever rope_interleave says.
+_DEFAULTS["deepseek_v32"] = dict(
+    _DEFAULTS["deepseek_v3"],
+    max_position_embeddings=163840,
+    index_n_heads=64,
+    index_head_dim=128,
+    index_topk=2048,
+)
 _DEFAULT_ROPE_THETA = 10000.0  # transformers' RotaryEmbeddingConfigMixin.default_theta
 
 
@@ -109,6 +118,16 @@ class FP8Quantization:
     fmt: str
     weight_block_size: tuple[int, int]
     activation_scheme: str
+
+
+@dataclass(frozen=True)
+class SparseAttention:
+    """DeepSeek-V3.2's lightning indexer (DESIGN.md §9): per query the ``topk`` best earlier tokens by a
+    ``heads``-head ReLU score over ``head_dim``-wide keys (one key head, cached per layer)."""
+
+    heads: int
+    head_dim: int
+    topk: int
 
 
 @dataclass(frozen=True)
@@ -146,6 +165,7 @@ class ModelConfig:
     attention_bias: bool
     num_nextn_predict_layers: int
     quantization: FP8Quantization | None
+    sparse_attention: SparseAttention | None = None  # DeepSeek-V3.2 (deepseek_v32) only
 
     @property
     def qk_head_dim(self) -> int:
@@ -172,8 +192,13 @@ class ModelConfig:
         return scale
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able (tuples become lists), for manifests."""
-        return json.loads(json.dumps(asdict(self)))
+        """JSON-able (tuples become lists), for manifests. DSA's fields go under config.json's own names, so the
+        manifest's config reads back with config_from_dict (V2/V3 manifests are unchanged)."""
+        raw = asdict(self)
+        sparse = raw.pop("sparse_attention")
+        if sparse is not None:
+            raw.update(index_n_heads=sparse["heads"], index_head_dim=sparse["head_dim"], index_topk=sparse["topk"])
+        return json.loads(json.dumps(raw))
 
 
 class _Fields:
@@ -326,6 +351,8 @@ def config_from_dict(raw: dict[str, Any], source: str = "config.json") -> ModelC
                 f"{source}: deepseek_v3 needs scoring_func sigmoid and topk_method noaux_tc, got {scoring} and {method}"
             )
         norm, interleave = f.flag("norm_topk_prob"), f.flag("rope_interleave")
+        if model_type == "deepseek_v32":
+            interleave = True
 
     # null groups mean one group (nothing masked), except where group-limited greedy needs real ones
     if model_type == "deepseek_v2" and method == "group_limited_greedy" and has_moe:
@@ -336,6 +363,12 @@ def config_from_dict(raw: dict[str, Any], source: str = "config.json") -> ModelC
     n_routed = f.integer("n_routed_experts", nullable=not has_moe)
     per_token = f.integer("num_experts_per_tok", nullable=not has_moe)
     q_lora = f.integer("q_lora_rank", nullable=True)  # null: one q_proj instead of q_a/q_b
+    sparse = None
+    if model_type == "deepseek_v32":
+        # the indexer's query reads q_a_layernorm's output, so V3.2 has no q_proj form (transformers neither)
+        q_lora = f.integer("q_lora_rank")
+        sparse = SparseAttention(f.integer("index_n_heads"), f.integer("index_head_dim"), f.integer("index_topk"))
+        _check_layer_types(raw, layers, first_dense, source)
     max_positions = f.integer("max_position_embeddings")
     theta, rope_scaling = _rope(raw, max_positions, source)
     cfg = ModelConfig(
@@ -373,9 +406,25 @@ def config_from_dict(raw: dict[str, Any], source: str = "config.json") -> ModelC
         attention_bias=False,
         num_nextn_predict_layers=f.integer("num_nextn_predict_layers", nullable=True, minimum=0) or 0,
         quantization=_quantization(raw, source),
+        sparse_attention=sparse,
     )
     _check(cfg, source)
     return cfg
+
+
+def _check_layer_types(raw: dict[str, Any], layers: int, first_dense: int, source: str) -> None:
+    """DeepseekV32Config derives mlp_layer_types from first_k_dense_replace and layer_types as all
+    "indexed_attention"; a config.json that spells out another pattern describes a model dsc does not build."""
+    n_dense = min(first_dense, layers)
+    derived = {
+        "mlp_layer_types": ["dense"] * n_dense + ["sparse"] * (layers - n_dense),
+        "layer_types": ["indexed_attention"] * layers,
+    }
+    for name, want in derived.items():
+        if raw.get(name) is not None and raw[name] != want:
+            raise ConfigError(
+                f"{source}: '{name}' {json.dumps(raw[name])[:80]} is not supported (dsc builds {want[:4]}...)"
+            )
 
 
 def _check(c: ModelConfig, source: str) -> None:
@@ -386,6 +435,11 @@ def _check(c: ModelConfig, source: str) -> None:
             raise ConfigError(f"{source}: {msg}")
 
     need(c.qk_rope_head_dim % 2 == 0, f"qk_rope_head_dim must be even, got {c.qk_rope_head_dim}")
+    if c.sparse_attention is not None:  # the indexer rotates the first qk_rope_head_dim values of its heads
+        need(
+            c.sparse_attention.head_dim >= c.qk_rope_head_dim,
+            f"index_head_dim {c.sparse_attention.head_dim} is smaller than qk_rope_head_dim {c.qk_rope_head_dim}",
+        )
     if c.n_routed_experts is None or c.num_experts_per_tok is None:
         return  # no MoE layer (checked by the caller)
     need(
@@ -423,6 +477,8 @@ _SHAPE_FIELDS = (
     "v_head_dim",
     "n_routed_experts",
     "n_shared_experts",
+    "index_n_heads",
+    "index_head_dim",
 )
 
 

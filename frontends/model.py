@@ -23,7 +23,7 @@ from dsc.ir.ops import run_op
 from torch import nn
 
 if TYPE_CHECKING:
-    from dsc.frontends.config import ModelConfig
+    from dsc.frontends.config import ModelConfig, SparseAttention
 
 # (key, shape) -> tensor; bound by Leaf.bind for eager execution.
 TensorProvider = Callable[[str, tuple[int, ...]], torch.Tensor]
@@ -81,6 +81,29 @@ class Rope(Leaf):
 
 class CausalAttention(Leaf):
     op = Op.ATTENTION
+
+    def __init__(self, scale: float):
+        super().__init__({"scale": scale})
+
+
+class LayerNorm(Leaf):
+    op = Op.LAYER_NORM
+
+    def __init__(self, key: str, dim: int, eps: float):
+        super().__init__({"eps": eps}, ((f"{key}.weight", (dim,)), (f"{key}.bias", (dim,))))
+
+
+class IndexTopK(Leaf):
+    """The lightning indexer's scoring and selection (DESIGN.md §9): top-k key positions per query."""
+
+    op = Op.INDEX_TOPK
+
+    def __init__(self, sparse: SparseAttention):
+        super().__init__({"top_k": sparse.topk, "scale": sparse.head_dim**-0.5, "weight_scale": sparse.heads**-0.5})
+
+
+class SparseCausalAttention(Leaf):
+    op = Op.SPARSE_ATTENTION
 
     def __init__(self, scale: float):
         super().__init__({"scale": scale})
@@ -227,12 +250,71 @@ class MLA(nn.Module):
         return self.o_proj(out.flatten(-2)), k_all, v_all
 
 
+class Indexer(nn.Module):
+    """DeepSeek-V3.2's lightning indexer (DESIGN.md §9), as transformers 5.24 computes it: q from MLA's
+    normalized q_lora latent, one LayerNorm-ed key head, both rotated on their first qk_rope_head_dim values
+    ([rope | rest], half-split rotate_half rope, unlike MLA's [nope | rope] interleaved). DeepSeek's own code also
+    applies a Hadamard rotation to q and k and scores in FP8; transformers skips both (the rotation is
+    orthogonal, so exact scores are unchanged) and so does dsc."""
+
+    def __init__(self, key: str, cfg: ModelConfig, rope: Rope):
+        super().__init__()
+        sparse = cfg.sparse_attention
+        assert sparse is not None and cfg.q_lora_rank
+        self.heads, self.dim, self.rope_dim = sparse.heads, sparse.head_dim, cfg.qk_rope_head_dim
+        self.wq_b = Linear(f"{key}.wq_b", cfg.q_lora_rank, sparse.heads * sparse.head_dim)
+        self.wk = Linear(f"{key}.wk", cfg.hidden_size, sparse.head_dim)
+        self.k_norm = LayerNorm(f"{key}.k_norm", sparse.head_dim, 1e-6)  # transformers: nn.LayerNorm(eps=1e-6)
+        self.weights_proj = Linear(f"{key}.weights_proj", cfg.hidden_size, sparse.heads)
+        self.rope = Rope(list(rope.attrs["inv_freq"]), rope.attrs["scaling"], interleaved=False)
+        self.select = IndexTopK(sparse)
+
+    def _rotate(self, x, positions):
+        if self.dim == self.rope_dim:
+            return self.rope(x, positions)
+        x_pe, x_rest = x.split([self.rope_dim, self.dim - self.rope_dim], dim=-1)
+        return torch.cat([self.rope(x_pe, positions), x_rest], dim=-1)
+
+    def forward(self, x, q_resid, positions, past_keys):
+        q = self._rotate(self.wq_b(q_resid).unflatten(-1, (self.heads, self.dim)), positions)
+        k = self._rotate(self.k_norm(self.wk(x)), positions)
+        keys = torch.cat([past_keys, k], dim=1)  # the indexer cache: [batch, past + seq, index_head_dim]
+        return self.select(q, keys, self.weights_proj(x)), keys
+
+
+class SparseMLA(MLA):
+    """MLA whose queries attend only to the indexer's top-k keys (DeepSeek-V3.2 DSA, DESIGN.md §9)."""
+
+    def __init__(self, key: str, cfg: ModelConfig, rope: Rope):
+        super().__init__(key, cfg, rope)
+        self.indexer = Indexer(f"{key}.indexer", cfg, rope)
+        self.attn = SparseCausalAttention(cfg.softmax_scale)
+
+    def forward(self, x, positions, past_k, past_v, past_index):
+        n, nope, rope = self.n_heads, self.nope, self.rope_dim
+        q_resid = self.q_a_layernorm(self.q_a_proj(x))
+        q = self.q_b_proj(q_resid)
+        q_nope, q_pe = q.unflatten(-1, (n, nope + rope)).split([nope, rope], dim=-1)
+        q_pe = self.rope(q_pe, positions)
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora, rope], dim=-1)
+        k_pe = self.rope(k_pe.unsqueeze(2), positions)
+        kv = self.kv_b_proj(self.kv_a_layernorm(c_kv)).unflatten(-1, (n, nope + self.v_dim))
+        k_nope, v = kv.split([nope, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe.expand(-1, -1, n, -1)], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        k_all = torch.cat([past_k, k], dim=1)
+        v_all = torch.cat([past_v, v], dim=1)
+        selected, index_keys = self.indexer(x, q_resid, positions, past_index)
+        out = self.attn(q, k_all, v_all, selected)
+        return self.o_proj(out.flatten(-2)), k_all, v_all, index_keys
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, index: int, cfg: ModelConfig, rope: Rope):
         super().__init__()
         key = f"model.layers.{index}"
         self.input_layernorm = RMSNorm(f"{key}.input_layernorm", cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = MLA(f"{key}.self_attn", cfg, rope)
+        self.self_attn = (SparseMLA if cfg.sparse_attention else MLA)(f"{key}.self_attn", cfg, rope)
         self.post_attention_layernorm = RMSNorm(f"{key}.post_attention_layernorm", cfg.hidden_size, cfg.rms_norm_eps)
         if cfg.is_moe_layer(index):
             self.mlp = MoE(f"{key}.mlp", cfg)
@@ -244,6 +326,16 @@ class DecoderLayer(nn.Module):
         h = h + attn
         h = h + self.mlp(self.post_attention_layernorm(h))
         return h, k_all, v_all
+
+
+class SparseDecoderLayer(DecoderLayer):
+    """A DeepSeek-V3.2 layer: its cache adds the indexer's keys (DESIGN.md §9)."""
+
+    def forward(self, h, positions, past_k, past_v, past_index):
+        attn, k_all, v_all, index_keys = self.self_attn(self.input_layernorm(h), positions, past_k, past_v, past_index)
+        h = h + attn
+        h = h + self.mlp(self.post_attention_layernorm(h))
+        return h, k_all, v_all, index_keys
 
 
 class Embed(nn.Module):
@@ -273,7 +365,8 @@ class DeepseekModel(nn.Module):
         inv_freq, scaling = rope_frequencies(cfg)
         rope = Rope(inv_freq, scaling, cfg.rope_interleave)
         self.embed = Embed(cfg)
-        self.layers = nn.ModuleList(DecoderLayer(i, cfg, rope) for i in range(cfg.num_hidden_layers))
+        layer = SparseDecoderLayer if cfg.sparse_attention else DecoderLayer
+        self.layers = nn.ModuleList(layer(i, cfg, rope) for i in range(cfg.num_hidden_layers))
         self.head = Head(cfg)
 
     def bind(self, provider: TensorProvider) -> None:
@@ -281,11 +374,11 @@ class DeepseekModel(nn.Module):
             if isinstance(m, Leaf):
                 m.bind(provider)
 
-    def forward(self, input_ids, position_ids, past: list[tuple[torch.Tensor, torch.Tensor]]):
+    def forward(self, input_ids, position_ids, past: list[tuple[torch.Tensor, ...]]):
         """Eager execution (leaves run their IR reference ops). Returns (logits, present)."""
         h = self.embed(input_ids)
         present = []
-        for layer, (pk, pv) in zip(self.layers, past, strict=True):
-            h, k, v = layer(h, position_ids, pk, pv)
-            present.append((k, v))
+        for layer, layer_past in zip(self.layers, past, strict=True):
+            h, *layer_present = layer(h, position_ids, *layer_past)
+            present.append(tuple(layer_present))
         return self.head(h), present

@@ -106,6 +106,29 @@ PRESETS: dict[str, dict] = {
     },
 }
 
+# DeepSeek-V3.2 (DSA, DESIGN.md §9): V3 plus the lightning indexer. The bench preset keeps V3.2's attention
+# proportions: index_n_heads = heads / 2, index_head_dim = 2 * qk_rope_head_dim, kv_lora_rank = 8 * rope, so
+# the indexer reads 8 * 64 = 512 values per key where absorbed MLA reads 16 * (256 + 32) = 4608 (V3.2: 8192 vs
+# 73728, the same 9x), and index_topk is V3.2's 2048.
+_V32 = {"architectures": ["DeepseekV32ForCausalLM"], "model_type": "deepseek_v32"}
+PRESETS["tiny-v32"] = {
+    **PRESETS["tiny"],
+    **_V32,
+    "index_n_heads": 8,
+    "index_head_dim": 16,
+    "index_topk": 8,
+}
+PRESETS["bench-v32"] = {
+    **PRESETS["bench"],
+    **_V32,
+    "num_hidden_layers": 2,
+    "kv_lora_rank": 256,
+    "qk_rope_head_dim": 32,
+    "index_n_heads": 8,
+    "index_head_dim": 64,
+    "index_topk": 2048,
+}
+
 FP8_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
 # The linear weights DeepSeek ships in FP8 (DESIGN.md §2); the router gate also ends in ``gate.weight`` but not
 # in ``gate_proj.weight``, so it never matches.
@@ -121,6 +144,8 @@ _FP8_SUFFIXES = tuple(
         "gate_proj",
         "up_proj",
         "down_proj",
+        "indexer.wq_b",  # DeepSeek-V3.2 ships the indexer's projections in FP8 too, weights_proj in high precision
+        "indexer.wk",
     )
 )
 _ST_DTYPES = {
@@ -205,6 +230,15 @@ def tensor_specs(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
             (a + "kv_b_proj.weight", (n * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank)),
             (a + "o_proj.weight", (h, n * cfg.v_head_dim)),
         ]
+        if cfg.sparse_attention is not None:
+            x, d = a + "indexer.", cfg.sparse_attention.head_dim
+            specs += [
+                (x + "wq_b.weight", (cfg.sparse_attention.heads * d, cfg.q_lora_rank)),
+                (x + "wk.weight", (d, h)),
+                (x + "k_norm.weight", (d,)),
+                (x + "k_norm.bias", (d,)),
+                (x + "weights_proj.weight", (cfg.sparse_attention.heads, h)),
+            ]
         if cfg.is_moe_layer(i):
             m, e = p + "mlp.", cfg.n_routed_experts
             specs += [(m + "gate.weight", (e, h)), (m + "gate.e_score_correction_bias", (e,))]
@@ -325,7 +359,9 @@ def _plan(cfg: ModelConfig, seed: int, dtype: torch.dtype, fp8: bool, lm_head_sc
         if fp8 and name.endswith(_FP8_SUFFIXES):
             groups.append(fp8_pair(name, shape))
         else:  # the router (gate weight and bias) stays float32 whatever the dtype
-            groups.append(plain(name, shape, torch.float32 if ".mlp.gate." in name else dtype))
+            # (transformers also keeps the indexer's weights_proj in float32)
+            high = ".mlp.gate." in name or ".weights_proj." in name
+            groups.append(plain(name, shape, torch.float32 if high else dtype))
     return groups
 
 

@@ -141,6 +141,10 @@ def empty_cache(graph: Graph, batch: int) -> dict[str, torch.Tensor]:
     }
 
 
+# the cache role of DSA's indexer keys: [batch, past, index_head_dim] per layer
+INDEXER_ROLE = "indexer_key"
+
+
 def kv_shapes(cfg: ModelConfig) -> tuple[tuple[int, int], tuple[int, int]]:
     """(heads, dim) of the naive cache's key and value tensors."""
     n = cfg.num_attention_heads
@@ -154,27 +158,23 @@ def trace_model(cfg: ModelConfig, weights: WeightProvider, name: str = "deepseek
     ids = b.input("input_ids", DType.I64, ("batch", "seq"))
     pos = b.input("position_ids", DType.I64, ("batch", "seq"))
     (kh, kd), (vh, vd) = kv_shapes(cfg)
-    past = []
-    cache = [(CacheEntry.named(i, "key"), CacheEntry.named(i, "value")) for i in range(cfg.num_hidden_layers)]
-    for ck, cv in cache:
-        past.append(
-            (
-                b.input(ck.past, DType.F32, ("batch", "past", kh, kd)),
-                b.input(cv.past, DType.F32, ("batch", "past", vh, vd)),
-            )
-        )
+    shapes = {"key": (kh, kd), "value": (vh, vd)}
+    if cfg.sparse_attention is not None:  # DSA: the lightning indexer's keys, one head (DESIGN.md §9)
+        shapes[INDEXER_ROLE] = (cfg.sparse_attention.head_dim,)
+    cache = [tuple(CacheEntry.named(i, role) for role in shapes) for i in range(cfg.num_hidden_layers)]
+    past = [[b.input(c.past, DType.F32, ("batch", "past", *shapes[c.role])) for c in entries] for entries in cache]
     h = _Translator(b, weights, "embed/").run(model.embed, [ids])
     presents = []
     for i, layer in enumerate(model.layers):
-        h, k, v = _Translator(b, weights, f"layers.{i}/", layer=i).run(layer, [h, pos, *past[i]])
-        presents.append((k, v))
+        h, *present = _Translator(b, weights, f"layers.{i}/", layer=i).run(layer, [h, pos, *past[i]])
+        presents.append(present)
     logits = _Translator(b, weights, "head/").run(model.head, [h])
     outputs = [_renamed(b.graph, logits, "logits")]
-    for (k, v), (ck, cv) in zip(presents, cache, strict=True):
-        outputs += [_renamed(b.graph, k, ck.present), _renamed(b.graph, v, cv.present)]
+    for present, entries in zip(presents, cache, strict=True):
+        outputs += [_renamed(b.graph, v, c.present) for v, c in zip(present, entries, strict=True)]
     b.graph.outputs = outputs
     b.graph.meta["model_config"] = cfg
-    b.graph.meta["kv_cache"] = tuple(e for pair in cache for e in pair)
+    b.graph.meta["kv_cache"] = tuple(e for entries in cache for e in entries)
     b.graph.meta["kv_cache_form"] = "naive"
     return b.graph
 

@@ -199,6 +199,38 @@ def _infer_attention(t: list[TensorType], a: Attrs) -> list[TensorType]:
     return [q.with_shape(q.shape[:3] + (v.shape[3],))]
 
 
+def _topk_dim(top_k: int, total: Dim) -> Dim:
+    """The number of keys the indexer selects: min(top_k, T), static when T is; symbolic otherwise."""
+    if isinstance(total, int):
+        return min(top_k, total)
+    return f"min({top_k},{total})"
+
+
+def _infer_index_topk(t: list[TensorType], a: Attrs) -> list[TensorType]:
+    q, k, w = t
+    _need(
+        q.rank == 4 and k.rank == 3 and w.rank == 3, f"index_topk takes q[b,s,H,d], k[b,T,d], w[b,s,H]: {q}, {k}, {w}"
+    )
+    _need(q.shape[-1] == k.shape[-1], f"index_topk: q {q} and k {k} differ in head dim")
+    _need(w.shape == q.shape[:3], f"index_topk: head weights {w} do not match q {q}")
+    _need(a["top_k"] >= 1, f"index_topk: top_k must be >= 1, got {a['top_k']}")
+    return [TensorType(DType.I64, q.shape[:2] + (_topk_dim(a["top_k"], k.shape[1]),))]
+
+
+def _infer_sparse_attention(t: list[TensorType], a: Attrs) -> list[TensorType]:
+    out = _infer_attention(t[:3], a)
+    idx = t[3]
+    _need(idx.dtype == DType.I64 and idx.rank == 3, f"sparse_attention: indices {idx} must be int64 [b, s, K]")
+    _need(idx.shape[:2] == t[0].shape[:2], f"sparse_attention: indices {idx} do not match q {t[0]}")
+    return out
+
+
+def _infer_layer_norm(t: list[TensorType], a: Attrs) -> list[TensorType]:
+    x, w, b = t
+    _need(w.shape == b.shape == (x.shape[-1],), f"layer_norm weight {w} / bias {b} do not match input {x}")
+    return [x]
+
+
 def _infer_binary(t: list[TensorType], a: Attrs) -> list[TensorType]:
     return [_broadcast(t[0], t[1])]
 
@@ -307,6 +339,37 @@ def _run_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: Attrs) 
     return torch.matmul(probs, vh.float()).transpose(1, 2).to(q.dtype)
 
 
+def index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, a: Attrs) -> torch.Tensor:
+    """The lightning indexer's score of every key for every query, [b, s, T], float32, with keys after the query
+    (causal, the cache in front) at -inf: sum_h w[h] * weight_scale * relu(q[h] . k * scale) (DESIGN.md §9,
+    transformers' DeepseekV32Indexer). A key-padding mask would set padded keys to -inf here too."""
+    s, t = q.shape[1], k.shape[1]
+    dots = torch.einsum("bshd,btd->bsht", q.float(), k.float()) * a["scale"]
+    scores = torch.einsum("bsh,bsht->bst", w.float() * a["weight_scale"], torch.relu(dots))
+    future = torch.arange(t)[None, :] > (torch.arange(s)[:, None] + (t - s))
+    return scores.masked_fill(future, float("-inf"))
+
+
+def select_top_k(scores: torch.Tensor, top_k: int) -> torch.Tensor:
+    """The min(top_k, T) best positions per row, best first; equal scores go lowest position first (a stable
+    sort), the tie order ONNX's TopK specifies, so the engine and the interpreter select the same keys."""
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    return order[..., : min(top_k, scores.shape[-1])]
+
+
+def _run_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, a: Attrs):
+    """Causal attention restricted to the keys at ``idx`` (a selected key after the query stays hidden: rows with
+    fewer earlier keys than K select some later ones, as the reference's top-k over -inf does)."""
+    s, t = q.shape[1], k.shape[1]
+    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    scores = torch.matmul(qh.float(), kh.float().transpose(-1, -2)) * a["scale"]  # [b, h, s, T]
+    chosen = torch.zeros(q.shape[0], s, t, dtype=torch.bool).scatter(-1, idx, True)
+    future = torch.arange(t)[None, :] > (torch.arange(s)[:, None] + (t - s))
+    hidden = (~chosen | future)[:, None]
+    probs = torch.softmax(scores.masked_fill(hidden, float("-inf")), dim=-1)
+    return torch.matmul(probs, vh.float()).transpose(1, 2).to(q.dtype)
+
+
 def route(x: torch.Tensor, gate: torch.Tensor, bias: torch.Tensor | None, a: Attrs):
     """DeepSeek routing (DESIGN.md §3): returns (weights [..., k] float32, experts [..., k] int64)."""
     logits = x.float() @ gate.float().t()
@@ -385,6 +448,15 @@ SCHEMAS: dict[Op, OpSchema] = {
     Op.RMS_NORM: OpSchema((2, 2), _infer_rms_norm, lambda i, a: [_rms_norm(i[0], i[1], a["eps"])]),
     Op.ROPE: OpSchema((2, 2), _infer_rope, lambda i, a: [_run_rope(i[0], i[1], a)]),
     Op.ATTENTION: OpSchema((3, 3), _infer_attention, lambda i, a: [_run_attention(*i, a)]),
+    Op.INDEX_TOPK: OpSchema(
+        (3, 3), _infer_index_topk, lambda i, a: [select_top_k(index_scores(i[0], i[1], i[2], a), a["top_k"])]
+    ),
+    Op.SPARSE_ATTENTION: OpSchema((4, 4), _infer_sparse_attention, lambda i, a: [_run_sparse_attention(*i, a)]),
+    Op.LAYER_NORM: OpSchema(
+        (3, 3),
+        _infer_layer_norm,
+        lambda i, a: [F.layer_norm(i[0].float(), i[0].shape[-1:], i[1].float(), i[2].float(), a["eps"]).to(i[0].dtype)],
+    ),
     Op.ADD: OpSchema((2, 2), _infer_binary, lambda i, a: [i[0] + i[1]]),
     Op.MUL: OpSchema((2, 2), _infer_binary, lambda i, a: [i[0] * i[1]]),
     Op.SILU: OpSchema((1, 1), _infer_unary, lambda i, a: [F.silu(i[0])]),

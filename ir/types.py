@@ -145,6 +145,10 @@ class Op(enum.Enum):
     RMS_NORM = "rms_norm"  # (x, weight) eps
     ROPE = "rope"  # (x[..., d], positions[b, s]) inv_freq, scaling, interleaved
     ATTENTION = "attention"  # (q[b,s,H,dk], k[b,T,Hk,dk], v[b,T,Hk,dv]) causal, scale
+    # DeepSeek-V3.2 DSA (DESIGN.md §9): the lightning indexer's selection, and attention over the selected keys only
+    INDEX_TOPK = "index_topk"  # (q[b,s,Hi,d], k[b,T,d], w[b,s,Hi]) top_k, scale, weight_scale -> idx[b,s,min(k,T)]
+    SPARSE_ATTENTION = "sparse_attention"  # (q, k, v as attention, idx[b,s,K]) causal, scale: keys idx only
+    LAYER_NORM = "layer_norm"  # (x, weight, bias) eps
     ADD = "add"
     MUL = "mul"
     SILU = "silu"

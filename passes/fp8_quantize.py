@@ -20,6 +20,9 @@ from dsc.ir.types import DType
 from dsc.passes.base import PassResult, Quantized, QuantizedPart, QuantizedWeight
 
 KEEP_HIGH_PRECISION = ("model.embed_tokens.weight", "lm_head.weight")
+# DeepSeek-V3.2 ships its indexer's per-head weights_proj in high precision (transformers keeps it float32), while
+# wq_b / wk are FP8: DESIGN.md §9
+KEEP_SUFFIXES = (".indexer.weights_proj.weight",)
 FORMAT = "fp8 e4m3, 128x128 block scales"
 
 
@@ -46,7 +49,8 @@ class Fp8QuantizePass:
             if len(node.inputs) == 3:
                 passed_through += 1
                 continue
-            if w.name in self.keep or w.name not in g.weights or w.type.dtype != DType.F32:
+            kept_name = w.name in self.keep or w.name.endswith(KEEP_SUFFIXES)
+            if kept_name or w.name not in g.weights or w.type.dtype != DType.F32:
                 kept.append(w.name)
                 continue
             if w.name not in done:

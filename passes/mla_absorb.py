@@ -56,7 +56,7 @@ class _Refuse(Exception):
 
 
 def _match(g: Graph, attn: Node, producers: dict[str, Node], users: dict[str, list[Node]]) -> _Mla:
-    q, k_all, v_all = attn.inputs
+    q, k_all, v_all = attn.inputs[:3]  # sparse attention adds the indexer's selection, kept as it is
     cat_k, cat_v = _only(producers.get(k_all.name), Op.CONCAT), _only(producers.get(v_all.name), Op.CONCAT)
     inputs = {v.name for v in g.inputs}
     if len(cat_k.inputs) != 2 or cat_k.inputs[0].name not in inputs or cat_v.inputs[0].name not in inputs:
@@ -158,7 +158,7 @@ class MlaAbsorbPass:
         matches: list[_Mla] = []
         producers, users = g.producers(), g.consumers()
         for node in g.nodes:
-            if node.op == Op.ATTENTION:
+            if node.op in (Op.ATTENTION, Op.SPARSE_ATTENTION):
                 try:
                     matches.append(_match(g, node, producers, users))
                 except _Refuse as why:
@@ -212,7 +212,10 @@ class MlaAbsorbPass:
         # The values are the c columns of the keys. Attending over whole [c | k_pe] rows and dropping the rope
         # columns of the output costs rope/kv_lora more multiply-adds in softmax . V but no copy of the cache's
         # c columns every step (a split of the cache would copy it, the whole context long).
-        o_full = op(Op.ATTENTION, [q_abs, keys, keys], m.attn.attrs).output  # [b, s, N, kv_lora + rope]
+        # DSA (sparse_attention) keeps its selected key positions: they index the latent rows the same way.
+        o_full = op(
+            m.attn.op, [q_abs, keys, keys, *m.attn.inputs[3:]], m.attn.attrs
+        ).output  # [b, s, N, kv_lora + rope]
         o_lat = op(Op.SPLIT, [o_full], {"axis": -1, "sizes": (kv_lora, rope)}).outputs[0]  # [b, s, N, kv_lora]
 
         if self.fold_o and m.o_linear is not None:
@@ -232,6 +235,8 @@ class MlaAbsorbPass:
 
         g.inputs = [past if v == m.past_k else v for v in g.inputs if v != m.past_v]
         g.outputs = [present if v == m.present_k else v for v in g.outputs if v != m.present_v]
-        kept = [c for c in g.cache_entries() if c.layer != layer]
-        g.meta["kv_cache"] = tuple(sorted([*kept, entry], key=lambda c: c.layer))
+        kept = [c for c in g.cache_entries() if c.layer != layer or c.role not in ("key", "value")]
+        g.meta["kv_cache"] = tuple(
+            sorted([*kept, entry], key=lambda c: (c.layer, c.role not in ("key", "value", "latent")))
+        )
         g.meta["kv_cache_form"] = "latent"

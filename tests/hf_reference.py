@@ -158,18 +158,94 @@ HF_CONFIGS: dict[str, dict] = {
 }
 
 
+# DeepSeek-V3.2 (DSA, DESIGN.md §9). Together: top-k below the prompt (prefill and decode select), top-k at
+# or above the whole context (DSA equals dense attention), yarn rope, sizes that are not multiples of 128 or of
+# each other (odd index_head_dim, rope dims), one expert group, and index_head_dim == qk_rope_head_dim (all rope).
+# Ties in the reference: transformers' torch.topk breaks exact ties arbitrarily, and an index score is a sum of
+# ReLUs, so a key whose every head is <= 0 scores exactly 0; with 8+ index heads of random weights that happens
+# to about 1 key in 2^8, and tests/test_dsa.py asserts a margin around every k-th score it relies on.
+_DSA = dict(
+    _COMMON,
+    model_type="deepseek_v32",
+    n_shared_experts=1,
+    first_k_dense_replace=1,
+    routed_scaling_factor=2.5,
+)
+DSA_CONFIGS: dict[str, dict] = {
+    "v32_topk_below_context": dict(
+        _DSA,
+        num_hidden_layers=2,
+        q_lora_rank=32,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
+        index_n_heads=8,
+        index_head_dim=24,
+        index_topk=4,
+    ),
+    "v32_topk_covers_context": dict(
+        _DSA,
+        num_hidden_layers=2,
+        q_lora_rank=24,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_group=1,
+        topk_group=1,
+        index_n_heads=8,
+        index_head_dim=16,
+        index_topk=64,
+    ),
+    "v32_yarn_one_group_odd": dict(
+        _DSA,
+        num_hidden_layers=2,
+        hidden_size=72,
+        num_attention_heads=3,
+        num_key_value_heads=3,
+        kv_lora_rank=20,
+        qk_nope_head_dim=12,
+        qk_rope_head_dim=6,
+        v_head_dim=10,
+        q_lora_rank=28,
+        n_routed_experts=6,
+        num_experts_per_tok=2,
+        n_group=1,
+        topk_group=1,
+        index_n_heads=12,
+        index_head_dim=22,
+        index_topk=5,
+        rope_parameters=_YARN,
+    ),
+    "v32_all_rope_indexer": dict(
+        _DSA,
+        num_hidden_layers=2,
+        q_lora_rank=32,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_group=4,
+        topk_group=2,
+        first_k_dense_replace=0,
+        index_n_heads=16,
+        index_head_dim=8,
+        index_topk=6,
+    ),
+}
+
+
 def _model_class(model_type: str):
     import transformers
 
     return {
         "deepseek_v3": (transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM),
         "deepseek_v2": (transformers.DeepseekV2Config, transformers.DeepseekV2ForCausalLM),
+        "deepseek_v32": (transformers.DeepseekV32Config, transformers.DeepseekV32ForCausalLM),
     }[model_type]
 
 
 def hf_config(name: str):
-    """The transformers config object of HF_CONFIGS[name] (a deep copy: transformers edits rope dicts in place)."""
-    raw = copy.deepcopy(HF_CONFIGS[name])
+    """The transformers config object of HF_CONFIGS[name] or DSA_CONFIGS[name] (a deep copy: transformers edits
+    rope dicts in place)."""
+    raw = copy.deepcopy(HF_CONFIGS[name] if name in HF_CONFIGS else DSA_CONFIGS[name])
     config_cls, _ = _model_class(raw.pop("model_type"))
     return config_cls(**raw)
 

@@ -198,6 +198,73 @@ def _(g: OneNode) -> Graph:
     return g.node(Op.ATTENTION, [q, k, k], {"scale": 0.35})  # mla-absorb: values are the keys' rows
 
 
+def _index_topk(g: OneNode, q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, top_k: int) -> Graph:
+    qv, kv = g.input("q", q), g.input("k", k, ("batch", "total"))
+    wv = g.input("w", w)
+    return g.node(Op.INDEX_TOPK, [qv, kv, wv], {"top_k": top_k, "scale": 0.3, "weight_scale": 0.5})
+
+
+@case(Op.INDEX_TOPK, "index_topk-below-context")
+def _(g: OneNode) -> Graph:  # 6 cached + 3 new keys, top 4: prompt rows and cached rows both select
+    return _index_topk(g, g.randn(2, 3, 5, 8), g.randn(2, 9, 8), g.randn(2, 3, 5), top_k=4)
+
+
+@case(Op.INDEX_TOPK, "index_topk-covers-context")
+def _(g: OneNode) -> Graph:  # top_k > T: every key, later ones (at -inf) last, lowest position first
+    return _index_topk(g, g.randn(2, 3, 5, 8), g.randn(2, 4, 8), g.randn(2, 3, 5), top_k=16)
+
+
+@case(Op.INDEX_TOPK, "index_topk-static-k", moe_lowering="gather")
+def _(g: OneNode) -> Graph:  # the standard-ops (TensorRT) flavour: constant K, equal to the reference when T >= k
+    return _index_topk(g, g.randn(2, 3, 5, 8), g.randn(2, 9, 8), g.randn(2, 3, 5), top_k=4)
+
+
+@case(Op.INDEX_TOPK, "index_topk-exact-ties")
+def _(g: OneNode) -> Graph:
+    # Keys repeat exactly (rows 0 = 3 = 6, 1 = 4 = 7) and positive head weights on queries pointing away from
+    # key 2/5/8 make many scores exactly 0 (every ReLU off): the engine must pick the tied keys lowest position
+    # first, as the interpreter's stable sort does.
+    base = g.randn(3, 8)
+    k = base.repeat(1, 3, 1).reshape(1, 9, 8).expand(2, 9, 8).contiguous()
+    return _index_topk(g, g.randn(2, 3, 5, 8), k, g.randn(2, 3, 5).abs(), top_k=5)
+
+
+def _sparse(g: OneNode, kv_heads: int, values_are_keys: bool = False, seq: int = 3) -> Graph:
+    q = g.input("q", g.randn(2, seq, 4, 8))
+    k = g.input("k", g.randn(2, 7, kv_heads, 8), ("batch", "total"))  # cached tokens in front of the new ones
+    v = k if values_are_keys else g.input("v", g.randn(2, 7, kv_heads, 6), ("batch", "total"))
+    # top 3 of 7 per query, some of them after the query (prompt rows with fewer earlier keys select later ones)
+    idx = torch.stack([torch.randperm(7, generator=g.gen)[:3] for _ in range(2 * seq)]).reshape(2, seq, 3)
+    i = g.input("idx", idx)
+    return g.node(Op.SPARSE_ATTENTION, [q, k, v, i], {"scale": 0.35})
+
+
+@case(Op.SPARSE_ATTENTION, "sparse_attention-per-head")
+def _(g: OneNode) -> Graph:
+    return _sparse(g, kv_heads=4)
+
+
+@case(Op.SPARSE_ATTENTION, "sparse_attention-values-are-keys")
+def _(g: OneNode) -> Graph:
+    return _sparse(g, kv_heads=1, values_are_keys=True)  # mla-absorb: the selected latent rows
+
+
+@case(Op.SPARSE_ATTENTION, "sparse_attention-decode-per-head")
+def _(g: OneNode) -> Graph:  # one new token: the gather branch
+    return _sparse(g, kv_heads=4, seq=1)
+
+
+@case(Op.SPARSE_ATTENTION, "sparse_attention-decode-values-are-keys")
+def _(g: OneNode) -> Graph:
+    return _sparse(g, kv_heads=1, values_are_keys=True, seq=1)
+
+
+@case(Op.LAYER_NORM)
+def _(g: OneNode) -> Graph:
+    x = g.input("x", g.randn(2, 3, 10))
+    return g.node(Op.LAYER_NORM, [x, g.weight("w", g.randn(10)), g.weight("b", g.randn(10))], {"eps": 1e-6})
+
+
 @case(Op.ADD)
 def _(g: OneNode) -> Graph:
     return g.node(Op.ADD, [g.input("a", g.randn(2, 3, 8)), g.input("b", g.randn(2, 3, 8))])
@@ -356,6 +423,16 @@ def test_lowering_matches_reference(name: str, tmp_path: Path):
             )
         else:
             assert torch.equal(torch.from_numpy(out), ref), f"{v.name}: {out} != {ref}"
+
+
+@pytest.mark.parametrize("form", ["gather", "mask"])
+@pytest.mark.parametrize("name", [n for n, c in CASES.items() if c.op == Op.SPARSE_ATTENTION])
+def test_both_sparse_prefill_forms_match_reference(name: str, form: str, tmp_path: Path, monkeypatch):
+    """DSA's prefill form is a measured choice (backends/onnx.py SPARSE_PREFILL); the other must stay correct."""
+    import dsc.backends.onnx as onnx_backend
+
+    monkeypatch.setattr(onnx_backend, "SPARSE_PREFILL", form)
+    test_lowering_matches_reference(name, tmp_path)
 
 
 def test_a_lowering_that_leaves_its_output_unwritten_is_caught(monkeypatch):

@@ -221,7 +221,10 @@ def test_v2_routing_follows_transformers():
 @pytest.mark.parametrize(
     "change,needle",
     [
-        ({"model_type": "llama"}, "model_type 'llama' is not supported (supported: deepseek_v3, deepseek_v2)"),
+        (
+            {"model_type": "llama"},
+            "model_type 'llama' is not supported (supported: deepseek_v3, deepseek_v2, deepseek_v32)",
+        ),
         ({"model_type": None}, "model_type missing is not supported"),
         ({"n_group": 3}, "n_routed_experts 4 is not divisible by n_group 3"),
         ({"topk_group": 3}, "topk_group 3 exceeds n_group 2"),
