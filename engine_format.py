@@ -29,13 +29,17 @@ if TYPE_CHECKING:
     from dsc.placement import Placement
 
 FORMAT = "dsc-engine"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: attention_mask input, head-major key/value caches of one shape (onnxruntime-genai)
 EP_MANIFEST = "ep.manifest.json"
 log = logging.getLogger("dsc")
 
+# Both forms follow onnxruntime-genai's decoder convention (ir/graph.py cache_layout): per layer a key and a value
+# of one shape, head-major [batch, heads, past, dim].
 KV_LAYOUTS = {
-    "naive": "per layer key [batch, past, heads, qk_head_dim] and value [batch, past, heads, v_head_dim]",
-    "latent": "per layer one latent [batch, past, kv_lora_rank + qk_rope_head_dim]: normalized c_kv then rotated k_pe",
+    "naive": "per layer key and value [batch, heads, past, max(qk_head_dim, v_head_dim)]: keys and values per head, "
+    "the narrower zero-padded",
+    "latent": "per layer key and value [batch, 1, past, ceil(D/2)], D = kv_lora_rank + qk_rope_head_dim: the row "
+    "[normalized c_kv | rotated k_pe] (one zero column when D is odd), first half as key, second half as value",
 }
 
 

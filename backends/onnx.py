@@ -1,10 +1,10 @@
 """Lower the IR to a standard ONNX model (opset 21) and write it with streamed weights.
 
 Conventions of the emitted model (also recorded in the manifest):
-- inputs ``input_ids`` / ``position_ids`` int64 [batch, seq], and per layer i the cache
-  ``past_key_values.{i}.key`` / ``.value`` [batch, past, heads, dim] (onnxruntime-genai's names; the
-  layout is sequence-major, not head-major);
-- outputs ``logits`` float32 [batch, seq, vocab] and ``present.{i}.key`` / ``.value`` [batch, past+seq, ...];
+- inputs ``input_ids`` / ``position_ids`` int64 [batch, seq], ``attention_mask`` int64 [batch, past+seq], and per
+  layer i the cache ``past_key_values.{i}.key`` / ``.value`` [batch, heads, past, dim] (onnxruntime-genai's names
+  and layout, ir/graph.py cache_layout);
+- outputs ``logits`` float32 [batch, seq, vocab] and ``present.{i}.key`` / ``.value`` [batch, heads, past+seq, dim];
 - linear weights are stored transposed, [in, out], so each linear layer is a single MatMul.
 
 Everything the backend knows about one IR op is one ``Lowering`` record in ``LOWERINGS``: the function that
@@ -25,7 +25,7 @@ import onnx
 import torch
 from dsc.backends.onnx_io import ONNX_DTYPES, Initializer
 from dsc.ir.graph import Graph, Node, Op, Stacked, Value, Weight
-from dsc.ir.ops import FP8_BLOCK
+from dsc.ir.ops import FP8_BLOCK, MASKED_SCORE
 from dsc.ir.types import DType
 from onnx import TensorProto, helper
 
@@ -263,57 +263,77 @@ def _rope(t: Tape, n: Node, ins: list[str]) -> None:
 
 
 def _attention(t: Tape, n: Node, ins: list[str]) -> None:
-    q, k, v = ins
-    heads, kv_heads = n.inputs[0].type.shape[2], n.inputs[1].type.shape[2]
+    """Causal attention over the cache (head-major [b, Hk, T, d]) with the padding mask: a hidden score gets the
+    lowest finite float (ir/ops.py MASKED_SCORE), so a query with every key hidden stays finite."""
+    q, k, v, _ = ins
+    heads, kv_heads = n.inputs[0].type.shape[2], n.inputs[1].type.shape[1]
     if kv_heads == 1 and isinstance(heads, int):
         _attention_one_kv_head(t, n, ins, heads)
         return
     qh = t.op("Transpose", [q], perm=[0, 2, 1, 3])  # [b, h, s, d]
-    kt = t.op("Transpose", [k], perm=[0, 2, 3, 1])  # [b, h, d, T]
-    vh = t.op("Transpose", [v], perm=[0, 2, 1, 3])  # [b, h, T, dv]
+    kt = t.op("Transpose", [k], perm=[0, 1, 3, 2])  # onnxruntime folds this into the MatMul (transB)
     scores = t.op("Mul", [t.op("MatMul", [qh, kt]), t.f32(n.attrs["scale"])])
+    hidden = _hidden(t, n, ins, rows_per_query=1, mask_axes=[1, 2])  # [b, 1, s, T]
+    probs = t.op("Softmax", [t.op("Where", [hidden, t.f32(MASKED_SCORE), scores])], axis=-1)
+    t.result("Transpose", [t.op("MatMul", [probs, v])], perm=[0, 2, 1, 3])
 
-    def causal_mask() -> str:
-        """Key j is hidden from query i when j > (T - s) + i: the cache sits in front of the new tokens."""
+
+def _hidden(t: Tape, n: Node, ins: list[str], rows_per_query: int, mask_axes: list[int]) -> str:
+    """True where a score is hidden: key j from query row r (query i = r // rows_per_query) when j > (T - s) + i
+    (the cache sits in front of the new tokens) or key j is padding (attention_mask 0). Shared by every attention
+    with the same mask input and symbolic (s, T)."""
+    q, k, _, mask = ins
+
+    def build() -> str:
         s_len = t.op("Gather", [t.op("Shape", [q]), t.i64(1)], axis=0)
-        t_len = t.op("Gather", [t.op("Shape", [k]), t.i64(1)], axis=0)
+        t_len = t.op("Gather", [t.op("Shape", [k]), t.i64(2)], axis=0)
         zero, one = t.i64(0), t.i64(1)
-        offset = t.op("Sub", [t_len, s_len])
-        rows = t.op("Add", [t.op("Range", [zero, s_len, one]), offset])
-        cols = t.op("Range", [zero, t_len, one])
-        return t.op("Greater", [cols, t.op("Unsqueeze", [rows, t.i64([1])])])
+        query = t.op("Range", [zero, t.op("Mul", [s_len, t.i64(rows_per_query)]), one])
+        if rows_per_query > 1:
+            query = t.op("Div", [query, t.i64(rows_per_query)])
+        limit = t.op("Add", [query, t.op("Sub", [t_len, s_len])])
+        causal = t.op("Greater", [t.op("Range", [zero, t_len, one]), t.op("Unsqueeze", [limit, t.i64([1])])])
+        padding = t.op("Unsqueeze", [t.op("Equal", [mask, t.i64(0)]), t.i64(mask_axes)])
+        return t.op("Or", [causal, padding])
 
-    # Every attention with the same symbolic (s, T) shares one mask.
-    hidden = t.shared(("mask", n.inputs[0].type.shape[1], n.inputs[1].type.shape[1]), causal_mask)
-    probs = t.op("Softmax", [t.op("Where", [hidden, t.f32(-np.inf), scores])], axis=-1)
-    t.result("Transpose", [t.op("MatMul", [probs, vh])], perm=[0, 2, 1, 3])
+    key = ("hidden", mask, rows_per_query, n.inputs[0].type.shape[1], n.inputs[1].type.shape[2])
+    return t.shared(key, build)
 
 
 def _attention_one_kv_head(t: Tape, n: Node, ins: list[str], heads: int) -> None:
     """Multi-query attention (one key/value head: MLA's absorbed latent) without transposes: the query heads of
-    every new token are rows of one [b, s*H, d] matrix against keys [b, T, d], so the cache is read in place
-    (the per-head layout would copy it into [b, 1, d, T] every step)."""
-    q, k, v = ins
-    dk, dv = n.inputs[0].type.shape[3], n.inputs[2].type.shape[3]
-    rows = t.op("Reshape", [q, t.i64([0, -1, dk])])  # [b, s*H, dk]
+    every new token are rows of one [b, s*H, d] matrix against keys [b, T, d], so the cache is read in place.
+    ``joint_kv`` (the latent as key and value halves): keys = values = [k | v], computed as two products per
+    half and summed (scores) or concatenated (outputs), which never copies the cache into one row."""
+    q, k, v, _ = ins
+    dq, dk, dv = n.inputs[0].type.shape[3], n.inputs[1].type.shape[3], n.inputs[2].type.shape[3]
+    rows = t.op("Reshape", [q, t.i64([0, -1, dq])])  # [b, s*H, dq]
     keys = t.op("Reshape", [k, t.i64([0, -1, dk])])  # [b, T, dk]
     values = keys if v == k else t.op("Reshape", [v, t.i64([0, -1, dv])])
-    kt = t.op("Transpose", [keys], perm=[0, 2, 1])  # onnxruntime folds this into the MatMul (FusedMatMul transB)
-    scores = t.op("Mul", [t.op("MatMul", [rows, kt]), t.f32(n.attrs["scale"])])
-
-    def causal_mask() -> str:
-        """Row r = i*H + h is query i: key j is hidden when j > (T - s) + i."""
-        s_len = t.op("Gather", [t.op("Shape", [q]), t.i64(1)], axis=0)
-        t_len = t.op("Gather", [t.op("Shape", [k]), t.i64(1)], axis=0)
-        zero, one = t.i64(0), t.i64(1)
-        query = t.op("Div", [t.op("Range", [zero, t.op("Mul", [s_len, t.i64(heads)]), one]), t.i64(heads)])
-        limit = t.op("Add", [query, t.op("Sub", [t_len, s_len])])
-        cols = t.op("Range", [zero, t_len, one])
-        return t.op("Greater", [cols, t.op("Unsqueeze", [limit, t.i64([1])])])
-
-    hidden = t.shared(("mask_rows", heads, n.inputs[0].type.shape[1], n.inputs[1].type.shape[1]), causal_mask)
-    probs = t.op("Softmax", [t.op("Where", [hidden, t.f32(-np.inf), scores])], axis=-1)
-    t.result("Reshape", [t.op("MatMul", [probs, values]), t.i64([0, -1, heads, dv])])
+    scale = t.f32(n.attrs["scale"])
+    if n.attrs.get("joint_kv"):
+        if dq < 2 * dk:  # an odd latent's zero column
+            rows = t.op("Pad", [rows, t.i64([0, 0, 0, 0, 0, 2 * dk - dq])])
+        q_k, q_v = t.op_multi("Split", [rows, t.i64([dk, dk])], 2, axis=-1)
+        scores = t.op(
+            "Add",
+            [
+                t.op("MatMul", [q_k, t.op("Transpose", [keys], perm=[0, 2, 1])]),
+                t.op("MatMul", [q_v, t.op("Transpose", [values], perm=[0, 2, 1])]),
+            ],
+        )
+        dv = 2 * dk
+    else:
+        # onnxruntime folds the transpose into the MatMul (FusedMatMul transB)
+        scores = t.op("MatMul", [rows, t.op("Transpose", [keys], perm=[0, 2, 1])])
+    scores = t.op("Mul", [scores, scale])
+    hidden = _hidden(t, n, ins, rows_per_query=heads, mask_axes=[1])  # [b, s*H, T]
+    probs = t.op("Softmax", [t.op("Where", [hidden, t.f32(MASKED_SCORE), scores])], axis=-1)
+    if n.attrs.get("joint_kv"):
+        out = t.op("Concat", [t.op("MatMul", [probs, keys]), t.op("MatMul", [probs, values])], axis=-1)
+    else:
+        out = t.op("MatMul", [probs, values])
+    t.result("Reshape", [out, t.i64([0, -1, heads, dv])])
 
 
 def _kth_largest(t: Tape, x: str, k: int, axis: int) -> str:
@@ -540,6 +560,15 @@ def _expand(t: Tape, n: Node, ins: list[str]) -> None:
     t.result("Expand", [ins[0], t.i64(shape)])
 
 
+def _transpose(t: Tape, n: Node, ins: list[str]) -> None:
+    t.result("Transpose", [ins[0]], perm=list(n.attrs["perm"]))
+
+
+def _pad(t: Tape, n: Node, ins: list[str]) -> None:
+    rank = n.inputs[0].type.rank
+    t.result("Pad", [ins[0], t.i64([0] * (2 * rank - 1) + [n.attrs["after"]])])
+
+
 def _embedding(t: Tape, n: Node, ins: list[str]) -> None:
     if _is_int(n):  # com.microsoft GatherBlockQuantized: uint8 rows [V, H*bits/8], scales [V, H/block]
         t.result(
@@ -662,6 +691,8 @@ LOWERINGS: dict[Op, Lowering] = {
         Lowering(Op.CONCAT, _simple("Concat", "axis")),
         Lowering(Op.RESHAPE, _reshape),
         Lowering(Op.EXPAND, _expand),
+        Lowering(Op.TRANSPOSE, _transpose),
+        Lowering(Op.PAD, _pad),
         Lowering(Op.MOE_ROUTE, _moe_route, transposed=(1,)),
         Lowering(Op.MOE_COMBINE, _moe_combine),
         Lowering(

@@ -8,7 +8,8 @@ IR op each. Each leaf also runs eagerly through the IR op's reference implementa
 definition can execute without the IR when a weight provider is bound.
 
 Layout conventions: activations are [batch, seq, ...]; per-head tensors are [batch, seq, heads, dim];
-the KV cache of layer i is (key [batch, past, heads, qk_head_dim], value [batch, past, heads, v_head_dim]).
+the KV cache of layer i is a key and a value of one shape, head-major [batch, heads, past, dim], the narrower of
+qk_head_dim / v_head_dim zero-padded (ir/graph.py cache_layout); attention_mask [batch, past+seq] hides padding.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
-from dsc.ir.graph import Op
+import torch.nn.functional as F
+from dsc.ir.graph import Op, cache_layout
 from dsc.ir.ops import run_op
 from torch import nn
 
@@ -82,8 +84,8 @@ class Rope(Leaf):
 class CausalAttention(Leaf):
     op = Op.ATTENTION
 
-    def __init__(self, scale: float):
-        super().__init__({"scale": scale})
+    def __init__(self, scale: float, joint_kv: bool = False):
+        super().__init__({"scale": scale, **({"joint_kv": True} if joint_kv else {})})
 
 
 class MoeRouter(Leaf):
@@ -207,7 +209,7 @@ class MLA(nn.Module):
         self.attn = CausalAttention(cfg.softmax_scale)
         self.has_q_lora = bool(cfg.q_lora_rank)
 
-    def forward(self, x, positions, past_k, past_v):
+    def forward(self, x, positions, mask, past_k, past_v):
         n, nope, rope = self.n_heads, self.nope, self.rope_dim
         if self.has_q_lora:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
@@ -221,9 +223,16 @@ class MLA(nn.Module):
         k_nope, v = kv.split([nope, self.v_dim], dim=-1)
         k = torch.cat([k_nope, k_pe.expand(-1, -1, n, -1)], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
-        k_all = torch.cat([past_k, k], dim=1)
-        v_all = torch.cat([past_v, v], dim=1)
-        out = self.attn(q, k_all, v_all)
+        _, width = cache_layout("naive", heads=n, qk_dim=nope + rope, v_dim=self.v_dim)
+        if nope + rope < width:  # zero columns add nothing to q . k
+            q, k = F.pad(q, (0, width - nope - rope)), F.pad(k, (0, width - nope - rope))
+        if self.v_dim < width:
+            v = F.pad(v, (0, width - self.v_dim))
+        k_all = torch.cat([past_k, k.transpose(1, 2)], dim=2)
+        v_all = torch.cat([past_v, v.transpose(1, 2)], dim=2)
+        out = self.attn(q, k_all, v_all, mask)
+        if self.v_dim < width:
+            out = out.split([self.v_dim, width - self.v_dim], dim=-1)[0]
         return self.o_proj(out.flatten(-2)), k_all, v_all
 
 
@@ -239,8 +248,8 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = MLP(f"{key}.mlp", cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, h, positions, past_k, past_v):
-        attn, k_all, v_all = self.self_attn(self.input_layernorm(h), positions, past_k, past_v)
+    def forward(self, h, positions, mask, past_k, past_v):
+        attn, k_all, v_all = self.self_attn(self.input_layernorm(h), positions, mask, past_k, past_v)
         h = h + attn
         h = h + self.mlp(self.post_attention_layernorm(h))
         return h, k_all, v_all
@@ -281,11 +290,11 @@ class DeepseekModel(nn.Module):
             if isinstance(m, Leaf):
                 m.bind(provider)
 
-    def forward(self, input_ids, position_ids, past: list[tuple[torch.Tensor, torch.Tensor]]):
+    def forward(self, input_ids, position_ids, attention_mask, past: list[tuple[torch.Tensor, torch.Tensor]]):
         """Eager execution (leaves run their IR reference ops). Returns (logits, present)."""
         h = self.embed(input_ids)
         present = []
         for layer, (pk, pv) in zip(self.layers, past, strict=True):
-            h, k, v = layer(h, position_ids, pk, pv)
+            h, k, v = layer(h, position_ids, attention_mask, pk, pv)
             present.append((k, v))
         return self.head(h), present

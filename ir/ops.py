@@ -191,12 +191,28 @@ def _infer_rope(t: list[TensorType], a: Attrs) -> list[TensorType]:
 
 
 def _infer_attention(t: list[TensorType], a: Attrs) -> list[TensorType]:
-    q, k, v = t
-    _need(q.rank == k.rank == v.rank == 4, "attention takes [batch, seq, heads, dim] tensors")
-    _need(q.shape[-1] == k.shape[-1], f"attention: q {q} and k {k} differ in head dim")
+    q, k, v, mask = t
+    _need(q.rank == k.rank == v.rank == 4, "attention takes q [batch, seq, heads, dim] and k, v [batch, heads, T, dim]")
     _need(k.shape[:3] == v.shape[:3], f"attention: k {k} and v {v} differ")
-    _need(k.shape[2] in (1, q.shape[2]), f"attention: {k.shape[2]} kv heads for {q.shape[2]} query heads")
+    _need(k.shape[1] in (1, q.shape[2]), f"attention: {k.shape[1]} kv heads for {q.shape[2]} query heads")
+    _need(mask.dtype == DType.I64 and mask.shape == (k.shape[0], k.shape[2]), f"attention: mask {mask} for keys {k}")
+    if a.get("joint_kv"):  # keys = values = cat(k, v): MLA's latent stored as two halves
+        _need(k.shape == v.shape and q.shape[3] <= 2 * k.shape[3], f"attention: joint k {k}, v {v} for q {q}")
+        return [q.with_shape(q.shape[:3] + (2 * k.shape[3],))]
+    _need(q.shape[-1] == k.shape[-1], f"attention: q {q} and k {k} differ in head dim")
     return [q.with_shape(q.shape[:3] + (v.shape[3],))]
+
+
+def _infer_transpose(t: list[TensorType], a: Attrs) -> list[TensorType]:
+    (x,) = t
+    _need(sorted(a["perm"]) == list(range(x.rank)), f"transpose perm {a['perm']} for {x}")
+    return [x.with_shape(tuple(x.shape[p] for p in a["perm"]))]
+
+
+def _infer_pad(t: list[TensorType], a: Attrs) -> list[TensorType]:
+    (x,) = t
+    _need(isinstance(x.shape[-1], int) and a["after"] >= 0, f"pad {a['after']} on {x}")
+    return [x.with_shape(x.shape[:-1] + (x.shape[-1] + a["after"],))]
 
 
 def _infer_binary(t: list[TensorType], a: Attrs) -> list[TensorType]:
@@ -296,15 +312,24 @@ def _run_rope(x: torch.Tensor, pos: torch.Tensor, a: Attrs) -> torch.Tensor:
     return out.to(x.dtype)
 
 
-def _run_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: Attrs) -> torch.Tensor:
-    s, t = q.shape[1], k.shape[1]
-    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, h, len, d]
-    scores = torch.matmul(qh.float(), kh.float().transpose(-1, -2)) * a["scale"]
-    # Causal with the cache in front: query i sits at absolute position (t - s) + i.
-    mask = torch.arange(t)[None, :] > (torch.arange(s)[:, None] + (t - s))
-    scores = scores.masked_fill(mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    return torch.matmul(probs, vh.float()).transpose(1, 2).to(q.dtype)
+# Hidden scores get the lowest finite float32, not -inf: a query whose keys are all hidden (a left-pad position)
+# then averages finite values instead of making NaN, which would reach the cache and, through 0 * NaN in
+# softmax . V, every later query of the row.
+MASKED_SCORE = float(torch.finfo(torch.float32).min)
+
+
+def _run_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, a: Attrs) -> torch.Tensor:
+    s, t = q.shape[1], k.shape[2]
+    if a.get("joint_kv"):
+        k = v = torch.cat([k, v], dim=-1)
+        q = F.pad(q, (0, k.shape[-1] - q.shape[-1]))
+    qh = q.transpose(1, 2).float()  # [b, h, s, d]; k, v are [b, h or 1, T, d]
+    scores = torch.matmul(qh, k.float().transpose(-1, -2)) * a["scale"]
+    # Causal with the cache in front (query i sits at (t - s) + i), and padding (mask 0) hidden everywhere.
+    hidden = torch.arange(t)[None, :] > (torch.arange(s)[:, None] + (t - s))
+    hidden = hidden[None, None] | (mask == 0)[:, None, None, :]
+    probs = torch.softmax(scores.masked_fill(hidden, MASKED_SCORE), dim=-1)
+    return torch.matmul(probs, v.float()).transpose(1, 2).to(q.dtype)
 
 
 def route(x: torch.Tensor, gate: torch.Tensor, bias: torch.Tensor | None, a: Attrs):
@@ -384,7 +409,7 @@ SCHEMAS: dict[Op, OpSchema] = {
     ),
     Op.RMS_NORM: OpSchema((2, 2), _infer_rms_norm, lambda i, a: [_rms_norm(i[0], i[1], a["eps"])]),
     Op.ROPE: OpSchema((2, 2), _infer_rope, lambda i, a: [_run_rope(i[0], i[1], a)]),
-    Op.ATTENTION: OpSchema((3, 3), _infer_attention, lambda i, a: [_run_attention(*i, a)]),
+    Op.ATTENTION: OpSchema((4, 4), _infer_attention, lambda i, a: [_run_attention(*i, a)]),
     Op.ADD: OpSchema((2, 2), _infer_binary, lambda i, a: [i[0] + i[1]]),
     Op.MUL: OpSchema((2, 2), _infer_binary, lambda i, a: [i[0] * i[1]]),
     Op.SILU: OpSchema((1, 1), _infer_unary, lambda i, a: [F.silu(i[0])]),
@@ -392,6 +417,8 @@ SCHEMAS: dict[Op, OpSchema] = {
     Op.CONCAT: OpSchema((1, None), _infer_concat, lambda i, a: [torch.cat(i, a["axis"])]),
     Op.RESHAPE: OpSchema((1, 1), _infer_reshape, lambda i, a: [_reshape(i[0], a["shape"])]),
     Op.EXPAND: OpSchema((1, 1), _infer_expand, lambda i, a: [_expand(i[0], a)]),
+    Op.TRANSPOSE: OpSchema((1, 1), _infer_transpose, lambda i, a: [i[0].permute(*a["perm"])]),
+    Op.PAD: OpSchema((1, 1), _infer_pad, lambda i, a: [F.pad(i[0], (0, a["after"]))]),
     Op.MOE_ROUTE: OpSchema(
         (2, 3), _infer_moe_route, lambda i, a: list(route(i[0], i[1], i[2] if len(i) > 2 else None, a))
     ),

@@ -144,7 +144,9 @@ class Op(enum.Enum):
     HEAD_LINEAR = "head_linear"  # (x[..., heads, in], weight[heads, out, in]) -> one linear map per head
     RMS_NORM = "rms_norm"  # (x, weight) eps
     ROPE = "rope"  # (x[..., d], positions[b, s]) inv_freq, scaling, interleaved
-    ATTENTION = "attention"  # (q[b,s,H,dk], k[b,T,Hk,dk], v[b,T,Hk,dv]) causal, scale
+    # (q[b,s,H,dq], k[b,Hk,T,dk], v[b,Hk,T,dv], mask[b,T]) causal + padding mask, scale; joint_kv: keys = values
+    # = cat(k, v) (MLA's latent split in halves, ir/graph.py cache_layout)
+    ATTENTION = "attention"
     ADD = "add"
     MUL = "mul"
     SILU = "silu"
@@ -152,6 +154,8 @@ class Op(enum.Enum):
     CONCAT = "concat"  # axis
     RESHAPE = "reshape"  # shape: ints, 0 copies the input dim at that index
     EXPAND = "expand"  # axis, size: broadcast a size-1 axis
+    TRANSPOSE = "transpose"  # perm
+    PAD = "pad"  # after: zero columns appended to the last axis
     MOE_ROUTE = "moe_route"  # (x, gate[E,H], bias[E]?) -> (weights[b,s,k], experts[b,s,k])
     MOE_COMBINE = "moe_combine"  # (weights, experts, y_0 ... y_{E-1}) -> sum_k weights * y_experts
     MOE_EXPERTS = (

@@ -13,18 +13,33 @@ from typing import Protocol
 import numpy as np
 from dsc.engine_format import CacheTensor, Manifest, check_files, read_manifest
 from dsc.errors import EngineError
+from dsc.ir.graph import ATTENTION_MASK
 
 
 class Engine(Protocol):
     manifest: Manifest
     cache: tuple[CacheTensor, ...]
 
-    def step(self, input_ids: np.ndarray, position_ids: np.ndarray, past: list) -> tuple[np.ndarray, list]:
+    def step(
+        self, input_ids: np.ndarray, position_ids: np.ndarray, past: list, attention_mask: np.ndarray | None = None
+    ) -> tuple[np.ndarray, list]:
         """Run new tokens through the model. Returns (logits [b, s, vocab], present cache tensors). ``past`` is the
         previous step's present (or ``[c.empty(batch) for c in cache]``); engines may return the present as their
         own array type (onnxruntime OrtValues, torch tensors) as long as ``np.asarray`` reads it and ``step``
-        takes it back as past."""
+        takes it back as past. ``attention_mask`` [b, past+seq] (1 = token, 0 = padding): all ones when None."""
         ...
+
+
+def full_mask(input_ids: np.ndarray, past: list, cache: tuple[CacheTensor, ...]) -> np.ndarray:
+    """The all-ones attention mask of a step without padding: [batch, past length + new tokens]."""
+    seen = past_length(past[0], cache[0]) if cache else 0
+    return np.ones((input_ids.shape[0], seen + input_ids.shape[1]), dtype=np.int64)
+
+
+def past_length(past, entry: CacheTensor) -> int:
+    """Tokens held by one cache tensor (numpy array, OrtValue or torch tensor) along its sequence axis."""
+    shape = past.shape() if callable(getattr(past, "shape", None)) else past.shape
+    return int(shape[entry.shape.index("past")])
 
 
 def ort_session(
@@ -124,12 +139,17 @@ class OnnxEngine:
         self.session = ort_session(path, threads, providers)
         self._outputs = ["logits"] + [c.output for c in self.cache]
 
-    def step(self, input_ids: np.ndarray, position_ids: np.ndarray, past: list) -> tuple[np.ndarray, list]:
+    def step(
+        self, input_ids: np.ndarray, position_ids: np.ndarray, past: list, attention_mask: np.ndarray | None = None
+    ) -> tuple[np.ndarray, list]:
         import onnxruntime as ort
 
+        if attention_mask is None:
+            attention_mask = full_mask(input_ids, past, self.cache)
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
+        binding.bind_cpu_input(ATTENTION_MASK, np.ascontiguousarray(attention_mask, dtype=np.int64))
         for c, p in zip(self.cache, past, strict=True):
             if isinstance(p, ort.OrtValue):
                 binding.bind_ortvalue_input(c.input, p)

@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 from dsc.engine_format import read_manifest
 from dsc.errors import EngineError
+from dsc.ir.graph import ATTENTION_MASK
+from dsc.runtime.engine import full_mask
 
 _HINT = "pip install 'dsc[tensorrt]' on a machine with an NVIDIA GPU, or compile with -o model.onnx to run here"
 _ALIGN = 256  # TensorRT wants every tensor address 256-byte aligned
@@ -68,7 +70,7 @@ class TensorRTEngine:
         names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
         self._inputs = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self._outputs = [n for n in names if n not in self._inputs]
-        expected_in = {"input_ids", "position_ids", *(c.input for c in self.cache)}
+        expected_in = {"input_ids", "position_ids", ATTENTION_MASK, *(c.input for c in self.cache)}
         expected_out = {"logits", *(c.output for c in self.cache)}
         if set(self._inputs) != expected_in or set(self._outputs) != expected_out:
             raise EngineError(f"{self.path}: the plan's inputs/outputs do not match its manifest")
@@ -104,7 +106,7 @@ class TensorRTEngine:
                 f"{list(lo)}..{list(hi)} (dsc compile --max-batch / --max-seq-len set it)"
             )
 
-    def step(self, input_ids, position_ids, past: list) -> tuple[np.ndarray, list]:
+    def step(self, input_ids, position_ids, past: list, attention_mask=None) -> tuple[np.ndarray, list]:
         """One forward over new tokens. ``past``: numpy arrays or torch tensors (on any device); returns
         (logits [b, s, vocab] numpy, present cache as torch tensors on the engine's device)."""
         import torch
@@ -116,7 +118,9 @@ class TensorRTEngine:
             stream.wait_stream(torch.cuda.current_stream(self.device))  # past may come from the caller's stream
         ctx = self._context
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            feeds = {"input_ids": input_ids, "position_ids": position_ids}
+            if attention_mask is None:
+                attention_mask = full_mask(np.asarray(input_ids), past, self.cache)
+            feeds = {"input_ids": input_ids, "position_ids": position_ids, ATTENTION_MASK: attention_mask}
             feeds.update({c.input: p for c, p in zip(self.cache, past, strict=True)})
             buffers = {}
             for name, value in feeds.items():

@@ -134,7 +134,7 @@ def test_manifest_describes_the_engine(tiny, tmp_path):
     s = compile_quiet(tiny, tmp_path / "m.onnx")
     assert json.loads((tmp_path / "m.manifest.json").read_text())["format"] == "dsc-engine"
     m = read_manifest(s.output)
-    assert m.backend == "onnx" and m.format_version == 2 and m.files == ("m.onnx",)
+    assert m.backend == "onnx" and m.format_version == 3 and m.files == ("m.onnx",)
     assert m.checksum == hashlib.sha256(s.output.read_bytes()).hexdigest()
     assert [i.name for i in m.inputs[:2]] == ["input_ids", "position_ids"]
     assert m.outputs[0].name == "logits"

@@ -174,11 +174,18 @@ def _(g: OneNode) -> Graph:
     return _rope(g, (2, 3, 8), interleaved=False, scaling=0.8)  # rotate_half, rank 3, yarn's mscale
 
 
+def _mask(g: OneNode) -> Value:
+    """[2, 5] padding mask: row 0 right-padded (its last key), row 1 left-padded so that its first new query
+    sees no key at all (that row must stay finite)."""
+    mask = torch.tensor([[1, 1, 1, 1, 0], [0, 0, 0, 1, 1]])
+    return g.input("attention_mask", mask, ("batch", "total"))
+
+
 def _attention(g: OneNode, kv_heads: int) -> Graph:
     q = g.input("q", g.randn(2, 3, 4, 8))
-    k = g.input("k", g.randn(2, 5, kv_heads, 8), ("batch", "total"))  # 2 cached tokens in front of the 3 new
-    v = g.input("v", g.randn(2, 5, kv_heads, 6), ("batch", "total"))
-    return g.node(Op.ATTENTION, [q, k, v], {"scale": 0.35})
+    k = g.input("k", g.randn(2, kv_heads, 5, 8), ("batch", kv_heads, "total"))  # 2 cached tokens before 3 new
+    v = g.input("v", g.randn(2, kv_heads, 5, 6), ("batch", kv_heads, "total"))
+    return g.node(Op.ATTENTION, [q, k, v, _mask(g)], {"scale": 0.35})
 
 
 @case(Op.ATTENTION, "attention-cache")
@@ -191,11 +198,38 @@ def _(g: OneNode) -> Graph:
     return _attention(g, kv_heads=1)  # MLA absorbed: one shared latent head
 
 
+for _dq in (10, 9):  # the latent as key and value halves; 9: an odd latent with its zero column
+    case(Op.ATTENTION, f"attention-joint-kv-{_dq}")(
+        lambda g, dq=_dq: g.node(
+            Op.ATTENTION,
+            [
+                g.input("q", g.randn(2, 3, 4, dq)),
+                g.input("k", g.randn(2, 1, 5, 5), ("batch", 1, "total")),
+                g.input(
+                    "v", torch.cat([g.randn(2, 1, 5, dq - 5), torch.zeros(2, 1, 5, 10 - dq)], -1), ("batch", 1, "total")
+                ),
+                _mask(g),
+            ],
+            {"scale": 0.35, "joint_kv": True},
+        )
+    )
+
+
+@case(Op.TRANSPOSE)
+def _(g: OneNode) -> Graph:
+    return g.node(Op.TRANSPOSE, [g.input("x", g.randn(2, 3, 4, 5))], {"perm": (0, 2, 1, 3)})
+
+
+@case(Op.PAD)
+def _(g: OneNode) -> Graph:
+    return g.node(Op.PAD, [g.input("x", g.randn(2, 3, 5))], {"after": 3})
+
+
 @case(Op.ATTENTION, "attention-values-are-keys")
 def _(g: OneNode) -> Graph:
     q = g.input("q", g.randn(2, 3, 4, 8))
-    k = g.input("k", g.randn(2, 5, 1, 8), ("batch", "total"))
-    return g.node(Op.ATTENTION, [q, k, k], {"scale": 0.35})  # mla-absorb: values are the keys' rows
+    k = g.input("k", g.randn(2, 1, 5, 8), ("batch", 1, "total"))
+    return g.node(Op.ATTENTION, [q, k, k, _mask(g)], {"scale": 0.35})  # values are the keys' rows
 
 
 @case(Op.ADD)
