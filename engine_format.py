@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from dsc.placement import Placement
 
 FORMAT = "dsc-engine"
+FOLDER_ENGINE = "model.onnx"  # the engine of a model folder (``-o DIR``, backends/genai.py)
 FORMAT_VERSION = 3  # 3: attention_mask input, head-major key/value caches of one shape (onnxruntime-genai)
 EP_MANIFEST = "ep.manifest.json"
 log = logging.getLogger("dsc")
@@ -268,6 +269,14 @@ def _field(annotation: str, value: Any, placement_cls: type) -> Any:
 
 
 # -- where manifests live ------------------------------------------------------------------------------------
+def folder_engine(path: Path) -> Path:
+    """A model folder (``-o DIR``) stands for its ``model.onnx``; any other path for itself."""
+    path = Path(path)
+    if path.is_dir() and not (path / EP_MANIFEST).is_file() and (path / FOLDER_ENGINE).is_file():
+        return path / FOLDER_ENGINE
+    return path
+
+
 def manifest_path(engine: Path) -> Path:
     """``x.onnx`` -> ``x.manifest.json``; an expert-parallel directory -> ``DIR/ep.manifest.json``."""
     engine = Path(engine)
@@ -277,8 +286,8 @@ def manifest_path(engine: Path) -> Path:
 
 
 def read_manifest(engine: Path) -> Manifest:
-    """The manifest of an engine file or expert-parallel directory, checked against the files it names."""
-    engine = Path(engine)
+    """The manifest of an engine file, model folder or expert-parallel directory."""
+    engine = folder_engine(Path(engine))
     path = manifest_path(engine)
     if not engine.exists():
         raise EngineError(f"{engine}: engine not found")
@@ -301,7 +310,7 @@ CHECKSUM_AT_LOAD_BYTES = 2 << 30
 def check_files(manifest: Manifest, engine: Path, *, full: bool | None = None) -> None:
     """The engine's files exist and (``full``, default: when they total at most CHECKSUM_AT_LOAD_BYTES) hash to
     the manifest's checksum: a flipped byte in a weight would otherwise run and print garbage."""
-    engine = Path(engine)
+    engine = folder_engine(Path(engine))
     root = engine if manifest.expert_parallel is not None else engine.parent
     files = [root / f for f in manifest.files]
     for f in files:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-from dsc.engine_format import CacheTensor, Manifest, check_files, read_manifest
+from dsc.engine_format import CacheTensor, Manifest, check_files, folder_engine, read_manifest
 from dsc.errors import EngineError
 from dsc.ir.graph import ATTENTION_MASK
 
@@ -163,7 +163,7 @@ class OnnxEngine:
 
 
 def load_engine(path: str | Path, *, threads: int | None = None, device: str = "cpu") -> Engine:
-    path = Path(path)
+    path = folder_engine(Path(path))
     suffix = path.suffix.lower()
     if suffix == ".onnx":
         return OnnxEngine(path, threads=threads, providers=providers_for(device))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dsc.engine_format import Manifest
+from dsc.engine_format import Manifest, folder_engine
 from dsc.errors import EngineError
 
 
@@ -15,6 +15,7 @@ def load_tokenizer(engine_path: Path, manifest: Manifest):
             f"{engine_path}: --prompt needs a tokenizer, and none was beside the checkpoint when it was "
             "compiled (put tokenizer.json beside config.json and recompile, or use --prompt-ids)"
         )
+    engine_path = folder_engine(Path(engine_path))
     path = engine_path / name if engine_path.is_dir() else engine_path.with_name(name)
     try:
         from tokenizers import Tokenizer
