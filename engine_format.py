@@ -151,6 +151,7 @@ class Manifest:
     quantized: str | None = None  # what this compile quantized to: "int8", "int4", "fp8"; None = as stored
     weights: tuple[WeightGroup, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)  # backend-specific facts (kernels, prefill form)
+    special_tokens: dict[str, Any] = field(default_factory=dict)  # bos/eos/pad ids from the checkpoint (None: unset)
     dsc_version: str = __version__
     format_version: int = FORMAT_VERSION
 
@@ -328,6 +329,12 @@ def check_files(manifest: Manifest, engine: Path, *, full: bool | None = None) -
         raise EngineError(f"{engine}: checksum mismatch: the engine files changed since dsc compile wrote them")
 
 
+def tokenizer_config_path(tokenizer: Path) -> Path:
+    """The tokenizer_config.json copied beside an engine's tokenizer: ``x.tokenizer.json`` ->
+    ``x.tokenizer_config.json``, a model folder's ``tokenizer.json`` -> ``tokenizer_config.json``."""
+    return tokenizer.with_name(tokenizer.name[: -len("tokenizer.json")] + "tokenizer_config.json")
+
+
 def write_manifest(manifest: Manifest, path: Path) -> None:
     atomic_write_bytes(path, (json.dumps(manifest.to_json(), indent=2, sort_keys=True) + "\n").encode())
 
@@ -362,6 +369,7 @@ def manifest_from_graph(graph: Graph, *, backend: str, files: list[Path], **fiel
         skipped_tensors=len(graph.meta.get("skipped_keys", ())),
         quantized=_quantized(graph),
         weights=tuple(WeightGroup(**g) for g in groups),
+        special_tokens=dict(graph.meta.get("special_tokens", {})),
         **fields,
     )
 
@@ -387,6 +395,10 @@ def finish_engine(graph: Graph, *, backend: str, engine: Path, files: list[Path]
             atomic_write_bytes(tok, Path(tokenizer).read_bytes())
             written.append(tok)
             fields["tokenizer"] = tok.name
+            tok_config = Path(tokenizer).with_name("tokenizer_config.json")  # the chat template, when there is one
+            if tok_config.is_file():
+                written.append(tokenizer_config_path(tok))
+                atomic_write_bytes(written[-1], tok_config.read_bytes())
         manifest = manifest_from_graph(graph, backend=backend, files=files, **fields)
         write_manifest(manifest, manifest_path(engine))
     except BaseException:

@@ -58,8 +58,10 @@ def genai_config(manifest: Manifest, heads: int, head_dim: int, special: dict[st
     cfg = manifest.config
     eos = special.get("eos_token_id")
     pad = special.get("pad_token_id")
-    eos = -1 if eos is None else eos  # no end-of-sequence token: generation runs to max_length
-    pad = (eos if eos >= 0 else 0) if pad is None else pad
+    # genai needs an eos id inside the vocabulary: a checkpoint without one gets its pad id, else 0 (generation then
+    # ends at that token, where dsc run would run on to --max-new-tokens)
+    eos = (pad if pad is not None else 0) if eos is None else eos
+    pad = eos if pad is None else pad
     bos = special.get("bos_token_id")
     context = int(cfg["max_position_embeddings"])
     return {

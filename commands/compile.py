@@ -226,12 +226,13 @@ def compile_model(model: str | Path, output: str | Path, options: CompileOptions
 def remove_engine(summary: CompileSummary) -> None:
     import shutil
 
-    from dsc.engine_format import manifest_path
+    from dsc.engine_format import manifest_path, tokenizer_config_path
 
     if summary.manifest.expert_parallel is not None or summary.output.is_dir():  # a model folder goes whole
         shutil.rmtree(summary.output, ignore_errors=True)
         return
-    extra = [summary.output.parent / summary.manifest.tokenizer] if summary.manifest.tokenizer else []
+    tok = summary.output.parent / summary.manifest.tokenizer if summary.manifest.tokenizer else None
+    extra = [tok, tokenizer_config_path(tok)] if tok is not None else []
     for p in [*summary.files, *extra, manifest_path(summary.output)]:
         p.unlink(missing_ok=True)
 

@@ -148,3 +148,26 @@ def test_folder_refuses_a_foreign_directory_and_an_extra_cache_kind(ckpt, tmp_pa
     graph.meta["kv_cache"] = (*graph.cache_entries(), CacheEntry.named(0, "indexer_key"))
     with pytest.raises(CompileError, match="indexer_key"):
         check_genai_cache(graph, tmp_path / "out")
+
+
+def test_folder_with_the_checkpoints_tokenizer_and_chat_template(tmp_path):
+    """The trained checkpoint has tokenizer.json and tokenizer_config.json (chat template): genai's own tokenizer
+    and template work from the folder, and its greedy text equals dsc run's."""
+    out = tmp_path / "trained"
+    compile_model(Path(__file__).parents[1] / "data" / "tiny_trained", out)
+    assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
+    model = og.Model(str(out))
+    tok = og.Tokenizer(model)
+    chat = tok.apply_chat_template('[{"role": "user", "content": "hi"}]', add_generation_prompt=True)
+    assert chat == "# user: hi\n# assistant:"
+    ids = tok.encode("def f(x):")
+    assert list(ids) == list(b"def f(x):")  # byte vocabulary
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + 12, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(ids)
+    while not gen.is_done():
+        gen.generate_next_token()
+    got = list(map(int, gen.get_sequence(0)))[len(ids) :]
+    want = generate(load_engine(out), [list(map(int, ids))], 12, eos_token_id=0).tokens[0]
+    assert got == [t for t in want if t != 0]
