@@ -73,6 +73,18 @@ class CacheTensor:
         return np.zeros(shape, dtype=np.dtype(self.dtype))
 
 
+def full_mask(input_ids: np.ndarray, past: list, cache: tuple[CacheTensor, ...]) -> np.ndarray:
+    """The all-ones attention mask of a step without padding: [batch, past length + new tokens]."""
+    seen = past_length(past[0], cache[0]) if cache else 0
+    return np.ones((input_ids.shape[0], seen + input_ids.shape[1]), dtype=np.int64)
+
+
+def past_length(past, entry: CacheTensor) -> int:
+    """Tokens held by one cache tensor (numpy array, OrtValue or torch tensor) along its sequence axis."""
+    shape = past.shape() if callable(getattr(past, "shape", None)) else past.shape
+    return int(shape[entry.shape.index("past")])
+
+
 @dataclass(frozen=True)
 class KvCache:
     form: str  # "latent" (MLA absorbed) or "naive" (per-head keys and values)

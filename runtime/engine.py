@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-from dsc.engine_format import CacheTensor, Manifest, check_files, folder_engine, read_manifest
+from dsc.engine_format import CacheTensor, Manifest, check_files, folder_engine, full_mask, read_manifest
 from dsc.errors import EngineError
 from dsc.ir.graph import ATTENTION_MASK
 
@@ -28,18 +28,6 @@ class Engine(Protocol):
         own array type (onnxruntime OrtValues, torch tensors) as long as ``np.asarray`` reads it and ``step``
         takes it back as past. ``attention_mask`` [b, past+seq] (1 = token, 0 = padding): all ones when None."""
         ...
-
-
-def full_mask(input_ids: np.ndarray, past: list, cache: tuple[CacheTensor, ...]) -> np.ndarray:
-    """The all-ones attention mask of a step without padding: [batch, past length + new tokens]."""
-    seen = past_length(past[0], cache[0]) if cache else 0
-    return np.ones((input_ids.shape[0], seen + input_ids.shape[1]), dtype=np.int64)
-
-
-def past_length(past, entry: CacheTensor) -> int:
-    """Tokens held by one cache tensor (numpy array, OrtValue or torch tensor) along its sequence axis."""
-    shape = past.shape() if callable(getattr(past, "shape", None)) else past.shape
-    return int(shape[entry.shape.index("past")])
 
 
 def ort_session(

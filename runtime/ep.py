@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from dsc.engine_format import Manifest, read_manifest
+from dsc.engine_format import Manifest, full_mask, read_manifest
 from dsc.errors import EngineError
 from dsc.ir.graph import ATTENTION_MASK
-from dsc.runtime.engine import full_mask, ort_session
+from dsc.runtime.engine import ort_session
 
 
 def read_ep_manifest(path: Path) -> Manifest:

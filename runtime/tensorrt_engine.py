@@ -13,10 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from dsc.engine_format import read_manifest
+from dsc.engine_format import full_mask, read_manifest
 from dsc.errors import EngineError
 from dsc.ir.graph import ATTENTION_MASK
-from dsc.runtime.engine import full_mask
 
 _HINT = "pip install 'dsc[tensorrt]' on a machine with an NVIDIA GPU, or compile with -o model.onnx to run here"
 _ALIGN = 256  # TensorRT wants every tensor address 256-byte aligned
