@@ -25,7 +25,7 @@ import onnx
 import torch
 from dsc.backends.onnx_io import ONNX_DTYPES, Initializer
 from dsc.ir.graph import Graph, Node, Op, Stacked, Value, Weight
-from dsc.ir.ops import FP8_BLOCK, MASKED_SCORE
+from dsc.ir.ops import EMPTY_SLOT_COLUMNS, FP8_BLOCK, MASKED_SCORE
 from dsc.ir.types import DType
 from onnx import TensorProto, helper
 
@@ -280,8 +280,10 @@ def _attention(t: Tape, n: Node, ins: list[str]) -> None:
 
 def _hidden(t: Tape, n: Node, ins: list[str], rows_per_query: int, mask_axes: list[int]) -> str:
     """True where a score is hidden: key j from query row r (query i = r // rows_per_query) when j > (T - s) + i
-    (the cache sits in front of the new tokens) or key j is padding (attention_mask 0). Shared by every attention
-    with the same mask input and symbolic (s, T)."""
+    (the cache sits in front of the new tokens), key j is padding (attention_mask 0) or an empty cache slot (ir/ops.py
+    EMPTY_SLOT_COLUMNS). Shared by every attention with the same mask input and symbolic (s, T): every layer's cache
+    has its empty slots at the same positions (cache_append runs on all layers in one step), so the first
+    attention's keys (head 0) stand for all, and the test costs one small slice per step."""
     q, k, _, mask = ins
 
     def build() -> str:
@@ -294,7 +296,15 @@ def _hidden(t: Tape, n: Node, ins: list[str], rows_per_query: int, mask_axes: li
         limit = t.op("Add", [query, t.op("Sub", [t_len, s_len])])
         causal = t.op("Greater", [t.op("Range", [zero, t_len, one]), t.op("Unsqueeze", [limit, t.i64([1])])])
         padding = t.op("Unsqueeze", [t.op("Equal", [mask, t.i64(0)]), t.i64(mask_axes)])
-        return t.op("Or", [causal, padding])
+        head0 = t.op("Slice", [k, t.i64([0, 0]), t.i64([1, EMPTY_SLOT_COLUMNS]), t.i64([1, 3])])  # [b, 1, T, c]
+        # |x| as Max(x, -x) and a or b as not(not a and not b): TensorRT's ONNX parser has neither Abs nor Or
+        magnitude = t.op("Max", [head0, t.op("Neg", [head0])])
+        largest = t.op("ReduceMax", [magnitude, t.i64([-1])], keepdims=0)  # [b, 1, T]
+        empty = t.op("Equal", [largest, t.f32(0.0)])
+        if len(mask_axes) == 2:  # scores [b, h, s, T]
+            empty = t.op("Unsqueeze", [empty, t.i64([2])])
+        shown = t.op("And", [t.op("Not", [causal]), t.op("Not", [padding])])
+        return t.op("Not", [t.op("And", [shown, t.op("Not", [empty])])])
 
     key = ("hidden", mask, rows_per_query, n.inputs[0].type.shape[1], n.inputs[1].type.shape[2])
     return t.shared(key, build)
@@ -560,6 +570,24 @@ def _expand(t: Tape, n: Node, ins: list[str]) -> None:
     t.result("Expand", [ins[0], t.i64(shape)])
 
 
+def _cache_append(t: Tape, n: Node, ins: list[str]) -> None:
+    """Concat(past, zeros for the slots the mask has beyond past + new, new) along the sequence axis; the zeros are
+    empty (size 0) in every step but the one after onnxruntime-genai's un-run sampled token. Every layer's cache
+    has the same past and new lengths, so one zeros tensor per cache shape serves all layers."""
+    past, new, mask = ins
+
+    def zeros() -> str:
+        dims = t.op("Shape", [new])  # [b, h, S, d]
+        total = t.op("Shape", [mask], start=1, end=2)
+        seen = t.op("Add", [t.op("Shape", [past], start=2, end=3), t.op("Shape", [new], start=2, end=3)])
+        lead, tail = t.op("Slice", [dims, t.i64([0]), t.i64([2])]), t.op("Slice", [dims, t.i64([3]), t.i64([4])])
+        shape = t.op("Concat", [lead, t.op("Sub", [total, seen]), tail], axis=0)
+        return t.op("ConstantOfShape", [shape], value=_ZERO)
+
+    key = ("cache_gap", mask, n.inputs[0].type.shape, n.inputs[1].type.shape)
+    t.result("Concat", [past, t.shared(key, zeros), new], axis=2)
+
+
 def _transpose(t: Tape, n: Node, ins: list[str]) -> None:
     t.result("Transpose", [ins[0]], perm=list(n.attrs["perm"]))
 
@@ -692,6 +720,7 @@ LOWERINGS: dict[Op, Lowering] = {
         Lowering(Op.RESHAPE, _reshape),
         Lowering(Op.EXPAND, _expand),
         Lowering(Op.TRANSPOSE, _transpose),
+        Lowering(Op.CACHE_APPEND, _cache_append),
         Lowering(Op.PAD, _pad),
         Lowering(Op.MOE_ROUTE, _moe_route, transposed=(1,)),
         Lowering(Op.MOE_COMBINE, _moe_combine),

@@ -88,6 +88,12 @@ class CausalAttention(Leaf):
         super().__init__({"scale": scale, **({"joint_kv": True} if joint_kv else {})})
 
 
+class CacheAppend(Leaf):
+    """The present cache: past, then empty slots for tokens the mask counts but no step ran, then the new tokens."""
+
+    op = Op.CACHE_APPEND
+
+
 class MoeRouter(Leaf):
     op = Op.MOE_ROUTE
 
@@ -207,6 +213,7 @@ class MLA(nn.Module):
         self.o_proj = Linear(f"{key}.o_proj", n * cfg.v_head_dim, h)
         self.rope = rope
         self.attn = CausalAttention(cfg.softmax_scale)
+        self.append_k, self.append_v = CacheAppend(), CacheAppend()
         self.has_q_lora = bool(cfg.q_lora_rank)
 
     def forward(self, x, positions, mask, past_k, past_v):
@@ -228,8 +235,8 @@ class MLA(nn.Module):
             q, k = F.pad(q, (0, width - nope - rope)), F.pad(k, (0, width - nope - rope))
         if self.v_dim < width:
             v = F.pad(v, (0, width - self.v_dim))
-        k_all = torch.cat([past_k, k.transpose(1, 2)], dim=2)
-        v_all = torch.cat([past_v, v.transpose(1, 2)], dim=2)
+        k_all = self.append_k(past_k, k.transpose(1, 2), mask)
+        v_all = self.append_v(past_v, v.transpose(1, 2), mask)
         out = self.attn(q, k_all, v_all, mask)
         if self.v_dim < width:
             out = out.split([self.v_dim, width - self.v_dim], dim=-1)[0]

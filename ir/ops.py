@@ -203,6 +203,22 @@ def _infer_attention(t: list[TensorType], a: Attrs) -> list[TensorType]:
     return [q.with_shape(q.shape[:3] + (v.shape[3],))]
 
 
+def _infer_cache_append(t: list[TensorType], a: Attrs) -> list[TensorType]:
+    past, new, mask = t
+    _need(past.rank == new.rank == 4 and past.dtype == new.dtype, f"cache_append: past {past}, new {new}")
+    _need(past.shape[:2] == new.shape[:2] and past.shape[3] == new.shape[3], f"cache_append: past {past}, new {new}")
+    _need(mask.rank == 2 and mask.shape[0] == past.shape[0], f"cache_append: mask {mask} for {past}")
+    return [past.with_shape(past.shape[:2] + (mask.shape[1],) + past.shape[3:])]
+
+
+def _run_cache_append(past: torch.Tensor, new: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    gap = mask.shape[1] - past.shape[2] - new.shape[2]
+    if gap < 0:
+        raise ValueError(f"cache_append: attention_mask covers {mask.shape[1]} tokens, fewer than the cache's")
+    zeros = past.new_zeros(past.shape[0], past.shape[1], gap, past.shape[3])
+    return torch.cat([past, zeros, new], dim=2)
+
+
 def _infer_transpose(t: list[TensorType], a: Attrs) -> list[TensorType]:
     (x,) = t
     _need(sorted(a["perm"]) == list(range(x.rank)), f"transpose perm {a['perm']} for {x}")
@@ -318,8 +334,20 @@ def _run_rope(x: torch.Tensor, pos: torch.Tensor, a: Attrs) -> torch.Tensor:
 MASKED_SCORE = float(torch.finfo(torch.float32).min)
 
 
+# A cache slot whose key starts with this many exact zeros is empty (cache_append's gap: a token onnxruntime-genai
+# sampled but never ran) and hidden like padding, in every later step too. A real key has no such run of zeros
+# (normalized latents / projections of them); checking a few columns keeps the test's cost small.
+EMPTY_SLOT_COLUMNS = 16
+
+
+def _empty_slots(k: torch.Tensor) -> torch.Tensor:
+    """[b, Hk, T]: True where the key cache slot is empty."""
+    return (k[..., :EMPTY_SLOT_COLUMNS] == 0).all(-1)
+
+
 def _run_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, a: Attrs) -> torch.Tensor:
     s, t = q.shape[1], k.shape[2]
+    empty = _empty_slots(k)
     if a.get("joint_kv"):
         k = v = torch.cat([k, v], dim=-1)
         q = F.pad(q, (0, k.shape[-1] - q.shape[-1]))
@@ -327,7 +355,7 @@ def _run_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     scores = torch.matmul(qh, k.float().transpose(-1, -2)) * a["scale"]
     # Causal with the cache in front (query i sits at (t - s) + i), and padding (mask 0) hidden everywhere.
     hidden = torch.arange(t)[None, :] > (torch.arange(s)[:, None] + (t - s))
-    hidden = hidden[None, None] | (mask == 0)[:, None, None, :]
+    hidden = hidden[None, None] | (mask == 0)[:, None, None, :] | empty[:, :, None, :]
     probs = torch.softmax(scores.masked_fill(hidden, MASKED_SCORE), dim=-1)
     return torch.matmul(probs, v.float()).transpose(1, 2).to(q.dtype)
 
@@ -417,6 +445,7 @@ SCHEMAS: dict[Op, OpSchema] = {
     Op.CONCAT: OpSchema((1, None), _infer_concat, lambda i, a: [torch.cat(i, a["axis"])]),
     Op.RESHAPE: OpSchema((1, 1), _infer_reshape, lambda i, a: [_reshape(i[0], a["shape"])]),
     Op.EXPAND: OpSchema((1, 1), _infer_expand, lambda i, a: [_expand(i[0], a)]),
+    Op.CACHE_APPEND: OpSchema((3, 3), _infer_cache_append, lambda i, a: [_run_cache_append(*i)]),
     Op.TRANSPOSE: OpSchema((1, 1), _infer_transpose, lambda i, a: [i[0].permute(*a["perm"])]),
     Op.PAD: OpSchema((1, 1), _infer_pad, lambda i, a: [F.pad(i[0], (0, a["after"]))]),
     Op.MOE_ROUTE: OpSchema(

@@ -155,6 +155,9 @@ class Op(enum.Enum):
     RESHAPE = "reshape"  # shape: ints, 0 copies the input dim at that index
     EXPAND = "expand"  # axis, size: broadcast a size-1 axis
     TRANSPOSE = "transpose"  # perm
+    # (past[b,h,P,d], new[b,h,S,d], mask[b,T]) -> present[b,h,T,d]: past, zeros for T-P-S slots, new (genai's
+    # un-run sampled token, ir/graph.py); attention hides a slot whose key starts with EMPTY_SLOT_COLUMNS zeros
+    CACHE_APPEND = "cache_append"
     PAD = "pad"  # after: zero columns appended to the last axis
     MOE_ROUTE = "moe_route"  # (x, gate[E,H], bias[E]?) -> (weights[b,s,k], experts[b,s,k])
     MOE_COMBINE = "moe_combine"  # (weights, experts, y_0 ... y_{E-1}) -> sum_k weights * y_experts

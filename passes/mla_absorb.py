@@ -17,7 +17,6 @@ from typing import ClassVar
 
 import torch
 from dsc.ir.graph import (
-    CACHE_SEQ_AXIS,
     CacheEntry,
     Graph,
     GraphBuilder,
@@ -78,9 +77,10 @@ def _unwrap(producers: dict[str, Node], v: Value, *ops: Op) -> Value:
 
 def _match(g: Graph, attn: Node, producers: dict[str, Node], users: dict[str, list[Node]]) -> _Mla:
     q, k_all, v_all, _mask = attn.inputs
-    cat_k, cat_v = _only(producers.get(k_all.name), Op.CONCAT), _only(producers.get(v_all.name), Op.CONCAT)
+    cat_k = _only(producers.get(k_all.name), Op.CACHE_APPEND)
+    cat_v = _only(producers.get(v_all.name), Op.CACHE_APPEND)
     inputs = {v.name for v in g.inputs}
-    if len(cat_k.inputs) != 2 or cat_k.inputs[0].name not in inputs or cat_v.inputs[0].name not in inputs:
+    if cat_k.inputs[0].name not in inputs or cat_v.inputs[0].name not in inputs:
         raise _Refuse("keys/values are not a graph-input cache concatenated with new tokens")
     if k_all not in g.outputs or v_all not in g.outputs:
         raise _Refuse("the concatenated cache is not returned as present keys/values")
@@ -228,7 +228,7 @@ class MlaAbsorbPass:
             past = Value(b.fresh(f"{entry.past}.latent"), m.past_k.type.with_shape(cache_shape(1, half)))
             rows = op(Op.RESHAPE, [part], {"shape": (0, 0, 1, half)}).output
             head_major = op(Op.TRANSPOSE, [rows], {"perm": (0, 2, 1, 3)}).output
-            present = op(Op.CONCAT, [past, head_major], {"axis": CACHE_SEQ_AXIS}).output
+            present = op(Op.CACHE_APPEND, [past, head_major, m.attn.inputs[3]]).output
             pasts.append(past)
             presents.append(present)
 

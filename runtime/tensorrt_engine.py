@@ -118,7 +118,7 @@ class TensorRTEngine:
         ctx = self._context
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             if attention_mask is None:
-                attention_mask = full_mask(np.asarray(input_ids), past, self.cache)
+                attention_mask = full_mask(input_ids, past, self.cache)
             feeds = {"input_ids": input_ids, "position_ids": position_ids, ATTENTION_MASK: attention_mask}
             feeds.update({c.input: p for c, p in zip(self.cache, past, strict=True)})
             buffers = {}

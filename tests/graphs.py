@@ -49,8 +49,8 @@ def hand_built_mla(q_lora: bool = True, scale: float = 0.3, kv_lora: int = KV_LO
     v = b.op(Op.PAD, [v], {"after": NOPE + ROPE - V}).output
     k = b.op(Op.TRANSPOSE, [k], {"perm": (0, 2, 1, 3)}).output
     v = b.op(Op.TRANSPOSE, [v], {"perm": (0, 2, 1, 3)}).output
-    k_all = b.op(Op.CONCAT, [past_k, k], {"axis": 2}, out_names=["present.0.key"]).output
-    v_all = b.op(Op.CONCAT, [past_v, v], {"axis": 2}, out_names=["present.0.value"]).output
+    k_all = b.op(Op.CACHE_APPEND, [past_k, k, mask], out_names=["present.0.key"]).output
+    v_all = b.op(Op.CACHE_APPEND, [past_v, v, mask], out_names=["present.0.value"]).output
     o = b.op(Op.ATTENTION, [q, k_all, v_all, mask], {"scale": scale}).output
     o = b.op(Op.SPLIT, [o], {"axis": -1, "sizes": (V, NOPE + ROPE - V)}).outputs[0]
     o = b.op(Op.RESHAPE, [o], {"shape": (0, 0, N * V)}).output

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from dsc.commands.compile import CompileOptions, compile_model
 from dsc.errors import CompileError
 from dsc.runtime.engine import load_engine
 from dsc.runtime.generate import generate
-from hf_reference import hf_reference_logits, save_hf_checkpoint
+from hf_reference import _cache_kwarg, hf_reference_logits, load_hf_model, save_hf_checkpoint
 
 og = pytest.importorskip("onnxruntime_genai")
 
@@ -95,19 +96,30 @@ def test_genai_right_padded_batch_gives_transformers_tokens(ckpt, folder):
     assert genai_greedy(folder, [SHORT, LONG], NEW_TOKENS) == want
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="measured: genai 0.18 never feeds the last sampled token; it binds present outputs of the mask length "
-    "(past + 1 + turn) while dsc's present is past + turn, and onnxruntime rejects the shape (not solved yet)",
-)
+@torch.no_grad()
+def hf_greedy_at(ckpt: Path, ids: list[int], positions: list[int], n: int) -> list[int]:
+    """transformers' greedy continuation of ``ids`` placed at ``positions`` (explicit position ids, cache)."""
+    model = load_hf_model(ckpt)
+    out = model(torch.tensor([ids]), position_ids=torch.tensor([positions]), use_cache=True)
+    tokens, at = [], positions[-1] + 1
+    for i in range(n):
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        tokens.append(int(nxt))
+        if i < n - 1:
+            cache = out.cache if hasattr(out, "cache") else out.past_key_values
+            out = model(nxt, position_ids=torch.tensor([[at + i]]), use_cache=True, **{_cache_kwarg(model): cache})
+    return tokens
+
+
 def test_genai_second_turn_after_generation(ckpt, folder):
-    """append_tokens after generating: genai feeds the new turn without the last sampled token's step, so the
-    cache must follow the attention mask; the continuation equals transformers on the whole sequence."""
+    """append_tokens after generating: genai 0.18 never runs the last sampled token, and its attention mask and
+    positions count it; the engine leaves that cache slot empty and hidden (ir/ops.py EMPTY_SLOT_COLUMNS). The
+    continuation equals transformers on the sequence without that token, at genai's positions."""
     model = og.Model(str(folder))
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=64, do_sample=False)
     gen = og.Generator(model, params)
-    gen.append_tokens(np.asarray([SHORT], dtype=np.int32))
+    gen.append_tokens(np.asarray([LONG], dtype=np.int32))
     for _ in range(4):
         gen.generate_next_token()
     turn = [33, 2, 90]
@@ -115,10 +127,12 @@ def test_genai_second_turn_after_generation(ckpt, folder):
     for _ in range(6):
         gen.generate_next_token()
     seq = list(map(int, gen.get_sequence(0)))
-    first = seq[: len(SHORT) + 4]
-    assert first[len(SHORT) :] == hf_greedy(ckpt, SHORT, 4)
+    first = seq[: len(LONG) + 4]
+    assert first[len(LONG) :] == hf_greedy(ckpt, LONG, 4, stop_at_eos=False)
     assert seq[: len(first) + len(turn)] == first + turn
-    assert seq[len(first) + len(turn) :] == hf_greedy(ckpt, first + turn, 6)
+    seen = first[:-1] + turn  # the last sampled token never ran
+    positions = list(range(len(first) - 1)) + list(range(len(first), len(first) + len(turn)))
+    assert seq[len(first) + len(turn) :] == hf_greedy_at(ckpt, seen, positions, 6)
 
 
 def test_cli_runs_verifies_and_inspects_the_folder(ckpt, folder, capsys):

@@ -215,6 +215,29 @@ for _dq in (10, 9):  # the latent as key and value halves; 9: an odd latent with
     )
 
 
+@case(Op.CACHE_APPEND)
+def _(g: OneNode) -> Graph:
+    # 2 cached + 2 new tokens, a mask of 5: one empty slot between them (genai's un-run sampled token)
+    past = g.input("past", g.randn(2, 3, 2, 4), ("batch", 3, "past"))
+    new = g.input("new", g.randn(2, 3, 2, 4), ("batch", 3, "seq"))
+    mask = g.input("attention_mask", torch.ones(2, 5, dtype=torch.int64), ("batch", "total"))
+    return g.node(Op.CACHE_APPEND, [past, new, mask])
+
+
+@case(Op.ATTENTION, "attention-empty-cache-slot")
+def _(g: OneNode) -> Graph:
+    # key slot 2 is empty (zeros): hidden from every query though the mask says 1
+    k = g.randn(2, 1, 5, 8)
+    k[:, :, 2] = 0
+    q = g.input("q", g.randn(2, 2, 4, 8))
+    keys = g.input("k", k, ("batch", 1, "total"))
+    return g.node(
+        Op.ATTENTION,
+        [q, keys, keys, g.input("attention_mask", torch.ones(2, 5, dtype=torch.int64), ("batch", "total"))],
+        {"scale": 0.35},
+    )
+
+
 @case(Op.TRANSPOSE)
 def _(g: OneNode) -> Graph:
     return g.node(Op.TRANSPOSE, [g.input("x", g.randn(2, 3, 4, 5))], {"perm": (0, 2, 1, 3)})

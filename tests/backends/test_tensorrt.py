@@ -97,7 +97,9 @@ def onnxruntime_step(path: Path):
     outputs = ["logits"] + [c.name.replace("past_key_values.", "present.") for c in caches]
 
     def step(ids, pos, past):
-        feeds = {"input_ids": ids, "position_ids": pos, **{c.name: p for c, p in zip(caches, past, strict=True)}}
+        mask = np.ones((ids.shape[0], np.asarray(past[0]).shape[2] + ids.shape[1]), np.int64)
+        feeds = {"input_ids": ids, "position_ids": pos, "attention_mask": mask}
+        feeds.update({c.name: p for c, p in zip(caches, past, strict=True)})
         logits, *present = session.run(outputs, feeds)
         return logits, present
 
@@ -537,7 +539,8 @@ def test_build_and_run_through_the_engine_interface(case: Case, fake_trt: dict, 
     assert fake_trt["cleared"] == {"TF32"} and fake_trt["config"].flags == set()  # fp32 means fp32
     latent = next(n for n in fake_trt["profile"] if n.startswith("past_key_values."))
     assert fake_trt["profile"]["input_ids"] == ((1, 1), (2, 1), (2, 32))
-    assert [s[:2] for s in fake_trt["profile"][latent]] == [(1, 0), (2, 15), (2, 31)]
+    # head-major cache [batch, 1, past, dim]: batch and past ranges
+    assert [(s[0], s[2]) for s in fake_trt["profile"][latent]] == [(1, 0), (2, 15), (2, 31)]
     assert cache.read_bytes() == b"fake-cache:1" and fake_trt["timing_loaded"] == [b""]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.manifest.json", "model.plan", "timing.cache"]
 

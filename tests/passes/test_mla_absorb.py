@@ -85,7 +85,7 @@ def test_refuses_attention_without_a_cache_and_says_why():
     assert not result.modified
     assert result.stats["absorbed"] == 0
     (reason,) = result.stats["refused"].values()
-    assert "expected concat" in reason
+    assert "expected cache_append" in reason
     assert result.graph.nodes == b.graph.nodes
 
 
