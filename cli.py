@@ -188,13 +188,26 @@ def _add_run(sub) -> None:
     r = sub.add_parser(
         "run",
         help="generate tokens with an engine",
-        description="Greedy generation with the KV cache. Prints the generated token ids and decode tokens/s.",
+        description="Generation with the KV cache, greedy or sampled; stops at the checkpoint's eos. Streams the text "
+        "(or ids) of a single prompt as tokens arrive; prints the generated token ids and decode tokens/s.",
     )
     r.add_argument("engine", type=Path)
     g = r.add_mutually_exclusive_group(required=True)
     g.add_argument("--prompt-ids", type=_ids, metavar="1,2,3", help="prompt token ids")
     g.add_argument("--prompt", metavar="TEXT", help="prompt text (needs the tokenizer.json the compile copied)")
+    g.add_argument(
+        "--prompts",
+        type=Path,
+        metavar="FILE",
+        help="a batch: one prompt per line, token ids (1,2,3) or text; prompts may differ in length (padded batch)",
+    )
+    r.add_argument("--chat", action="store_true", help="wrap text prompts in the checkpoint's chat template")
     r.add_argument("--max-new-tokens", type=_positive, default=32)
+    r.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sample")
+    r.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    r.add_argument("--top-p", type=float, default=1.0, help="sample within the smallest set of probability >= p")
+    r.add_argument("--seed", type=int, help="sampling seed: the same seed gives the same tokens")
+    r.add_argument("--padding", choices=["right", "left"], default="right", help="padding side of a batch")
     r.add_argument("--threads", type=_positive, help="onnxruntime intra-op threads (default: all cores)")
     r.add_argument(
         "--device",
@@ -338,48 +351,115 @@ def cmd_compile(a: argparse.Namespace) -> int:
     return 0
 
 
-def _print_generation(a: argparse.Namespace, result, prompt: list[int], tokenizer) -> None:
-    tokens = result.tokens[0]
+def _print_generation(a: argparse.Namespace, result, prompts: list[list[int]], tokenizer, streamed: bool) -> None:
     if a.json:
+        tokens = result.tokens[0] if len(prompts) == 1 else result.tokens
         print(json.dumps({"tokens": tokens, "tokens_per_s": result.tokens_per_s, "prefill_s": result.prefill_s}))
         return
-    print("tokens: " + ",".join(str(t) for t in tokens))
-    if tokenizer is not None:
-        print("text:   " + tokenizer.decode(tokens))
-    print(f"prefill {result.prefill_s * 1000:.1f} ms ({len(prompt)} tokens), decode {result.tokens_per_s:.1f} tokens/s")
+    for row, tokens in enumerate(result.tokens):
+        head = "" if len(prompts) == 1 else f"[{row}] "
+        if not streamed:
+            print(head + "tokens: " + ",".join(str(t) for t in tokens))
+            if tokenizer is not None:
+                print(head + "text:   " + tokenizer.decode(tokens))
+    lengths = "+".join(str(len(p)) for p in prompts)
+    print(f"prefill {result.prefill_s * 1000:.1f} ms ({lengths} tokens), decode {result.tokens_per_s:.1f} tokens/s")
+
+
+def _prompts(a: argparse.Namespace, manifest) -> tuple[list[list[int]], object]:
+    """The batch of token-id prompts the flags give, and the tokenizer for text prompts (None for id prompts)."""
+    from dsc.prompts import check_ids, parse_ids
+    from dsc.runtime.tokenizer import chat_prompt, load_tokenizer
+
+    if a.prompt_ids is not None:
+        if a.chat:
+            raise DscError("--chat applies to text prompts (--prompt, or --prompts with text lines)")
+        check_ids([a.prompt_ids], manifest.vocab_size, "--prompt-ids")
+        return [a.prompt_ids], None
+    if a.prompt is not None:
+        texts = [a.prompt]
+    else:
+        try:
+            lines = [ln.strip() for ln in a.prompts.read_text().splitlines() if ln.strip()]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DscError(f"{a.prompts}: cannot read prompts: {exc}") from None
+        if not lines:
+            raise DscError(f"{a.prompts}: no prompts")
+        try:
+            prompts = [parse_ids(ln, str(a.prompts)) for ln in lines]
+        except DscError:
+            texts = lines
+        else:
+            if a.chat:
+                raise DscError(f"{a.prompts}: --chat applies to text prompts, and these are token ids")
+            check_ids(prompts, manifest.vocab_size, str(a.prompts))
+            return prompts, None
+    tokenizer = load_tokenizer(a.engine, manifest)
+    if a.chat:
+        texts = [chat_prompt(a.engine, manifest, t) for t in texts]
+    prompts = [tokenizer.encode(t) for t in texts]
+    check_ids(prompts, manifest.vocab_size, "--prompt" if a.prompt is not None else str(a.prompts))
+    return prompts, tokenizer
 
 
 def cmd_run(a: argparse.Namespace) -> int:
     import os
 
     from dsc.engine_format import read_manifest
-    from dsc.prompts import check_ids
-    from dsc.runtime.generate import generate
-    from dsc.runtime.tokenizer import load_tokenizer
+    from dsc.runtime.generate import Sampling, generate
+    from dsc.runtime.tokenizer import TextStream
 
     manifest = read_manifest(a.engine)
-    tokenizer = load_tokenizer(a.engine, manifest) if a.prompt is not None else None
-    prompt = tokenizer.encode(a.prompt) if tokenizer is not None else a.prompt_ids
-    check_ids([prompt], manifest.vocab_size, "--prompt" if tokenizer is not None else "--prompt-ids")
+    try:
+        sampling = Sampling(a.temperature, a.top_k, a.top_p, a.seed)
+    except ValueError as exc:
+        raise DscError(str(exc)) from None
+    prompts, tokenizer = _prompts(a, manifest)
+    eos = manifest.special_tokens.get("eos_token_id")
     if manifest.expert_parallel is not None or a.ep_size:
         if a.device != "cpu":
             raise DscError(
                 f"{a.engine}: expert-parallel runs use the CPU (gloo ranks); --device {a.device} is not supported"
             )
+        if len(prompts) > 1 or sampling.temperature:
+            raise DscError(f"{a.engine}: expert-parallel runs take one prompt, greedy (no --prompts / --temperature)")
         from dsc.runtime.ep import run_expert_parallel, run_under_torchrun
 
         if "WORLD_SIZE" in os.environ:
-            result = run_under_torchrun(a.engine, [prompt], a.max_new_tokens, timeout_s=a.timeout)
+            result = run_under_torchrun(a.engine, prompts, a.max_new_tokens, timeout_s=a.timeout)
             if result is None:
                 return 0  # not rank 0
         else:
             ranks = a.ep_size or (manifest.expert_parallel.ranks if manifest.expert_parallel else 1)
-            result = run_expert_parallel(a.engine, ranks, [prompt], a.max_new_tokens, timeout_s=a.timeout)
-    else:
-        from dsc.runtime.engine import load_engine
+            result = run_expert_parallel(a.engine, ranks, prompts, a.max_new_tokens, timeout_s=a.timeout)
+        _print_generation(a, result, prompts, tokenizer, streamed=False)
+        return 0
+    from dsc.runtime.engine import load_engine
 
-        result = generate(load_engine(a.engine, threads=a.threads, device=a.device), [prompt], a.max_new_tokens)
-    _print_generation(a, result, prompt, tokenizer)
+    # one text prompt, not --json: its reply goes to the terminal as each token arrives
+    stream = len(prompts) == 1 and not a.json and tokenizer is not None
+    text = TextStream(tokenizer) if stream else None
+
+    def show(row: int, token: int) -> None:
+        sys.stdout.write(text.add(token))
+        sys.stdout.flush()
+
+    engine = load_engine(a.engine, threads=a.threads, device=a.device)
+    if stream:
+        sys.stdout.write("text:   ")
+    result = generate(
+        engine,
+        prompts,
+        a.max_new_tokens,
+        eos_token_id=eos,
+        padding=a.padding,
+        sampling=sampling,
+        on_token=show if stream else None,
+    )
+    if stream:
+        sys.stdout.write("\n")
+        print("tokens: " + ",".join(str(t) for t in result.tokens[0]))
+    _print_generation(a, result, prompts, tokenizer, streamed=stream)
     return 0
 
 

@@ -29,18 +29,23 @@ if TYPE_CHECKING:
     from dsc.placement import Placement
 
 FORMAT = "dsc-engine"
-FORMAT_VERSION = 2
+FOLDER_ENGINE = "model.onnx"  # the engine of a model folder (``-o DIR``, backends/genai.py)
+FORMAT_VERSION = 3  # 3: attention_mask input, head-major key/value caches of one shape (onnxruntime-genai)
 EP_MANIFEST = "ep.manifest.json"
 log = logging.getLogger("dsc")
 
+# Both forms follow onnxruntime-genai's decoder convention (ir/graph.py cache_layout): per layer a key and a value
+# of one shape, head-major [batch, heads, past, dim].
 KV_LAYOUTS = {
-    "naive": "per layer key [batch, past, heads, qk_head_dim] and value [batch, past, heads, v_head_dim]",
-    "latent": "per layer one latent [batch, past, kv_lora_rank + qk_rope_head_dim]: normalized c_kv then rotated k_pe",
+    "naive": "per layer key and value [batch, heads, past, max(qk_head_dim, v_head_dim)]: keys and values per head, "
+    "the narrower zero-padded",
+    "latent": "per layer key and value [batch, 1, past, ceil(D/2)], D = kv_lora_rank + qk_rope_head_dim: the row "
+    "[normalized c_kv | rotated k_pe] (one zero column when D is odd), first half as key, second half as value",
 }
 
 
 # DeepSeek-V3.2 (DSA): beside MLA's cache, each layer caches its lightning indexer's keys under this role
-INDEXER_LAYOUT = "plus per layer indexer_key [batch, past, index_head_dim]: the indexer's LayerNorm-ed, rotated keys"
+INDEXER_LAYOUT = "plus per layer indexer_key [batch, 1, past, index_head_dim]: the indexer's LayerNorm-ed, rotated keys"
 
 
 def _kv_layout(form: str, cache: tuple[CacheTensor, ...]) -> str:
@@ -76,6 +81,18 @@ class CacheTensor:
     def empty(self, batch: int) -> np.ndarray:
         shape = tuple(batch if d == "batch" else 0 if d == "past" else d for d in self.shape)
         return np.zeros(shape, dtype=np.dtype(self.dtype))
+
+
+def full_mask(input_ids: np.ndarray, past: list, cache: tuple[CacheTensor, ...]) -> np.ndarray:
+    """The all-ones attention mask of a step without padding: [batch, past length + new tokens]."""
+    seen = past_length(past[0], cache[0]) if cache else 0
+    return np.ones((input_ids.shape[0], seen + input_ids.shape[1]), dtype=np.int64)
+
+
+def past_length(past, entry: CacheTensor) -> int:
+    """Tokens held by one cache tensor (numpy array, OrtValue or torch tensor) along its sequence axis."""
+    shape = past.shape() if callable(getattr(past, "shape", None)) else past.shape
+    return int(shape[entry.shape.index("past")])
 
 
 @dataclass(frozen=True)
@@ -156,6 +173,7 @@ class Manifest:
     quantized: str | None = None  # what this compile quantized to: "int8", "int4", "fp8"; None = as stored
     weights: tuple[WeightGroup, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)  # backend-specific facts (kernels, prefill form)
+    special_tokens: dict[str, Any] = field(default_factory=dict)  # bos/eos/pad ids from the checkpoint (None: unset)
     dsc_version: str = __version__
     format_version: int = FORMAT_VERSION
 
@@ -274,6 +292,14 @@ def _field(annotation: str, value: Any, placement_cls: type) -> Any:
 
 
 # -- where manifests live ------------------------------------------------------------------------------------
+def folder_engine(path: Path) -> Path:
+    """A model folder (``-o DIR``) stands for its ``model.onnx``; any other path for itself."""
+    path = Path(path)
+    if path.is_dir() and not (path / EP_MANIFEST).is_file() and (path / FOLDER_ENGINE).is_file():
+        return path / FOLDER_ENGINE
+    return path
+
+
 def manifest_path(engine: Path) -> Path:
     """``x.onnx`` -> ``x.manifest.json``; an expert-parallel directory -> ``DIR/ep.manifest.json``."""
     engine = Path(engine)
@@ -283,8 +309,8 @@ def manifest_path(engine: Path) -> Path:
 
 
 def read_manifest(engine: Path) -> Manifest:
-    """The manifest of an engine file or expert-parallel directory, checked against the files it names."""
-    engine = Path(engine)
+    """The manifest of an engine file, model folder or expert-parallel directory."""
+    engine = folder_engine(Path(engine))
     path = manifest_path(engine)
     if not engine.exists():
         raise EngineError(f"{engine}: engine not found")
@@ -307,7 +333,7 @@ CHECKSUM_AT_LOAD_BYTES = 2 << 30
 def check_files(manifest: Manifest, engine: Path, *, full: bool | None = None) -> None:
     """The engine's files exist and (``full``, default: when they total at most CHECKSUM_AT_LOAD_BYTES) hash to
     the manifest's checksum: a flipped byte in a weight would otherwise run and print garbage."""
-    engine = Path(engine)
+    engine = folder_engine(Path(engine))
     root = engine if manifest.expert_parallel is not None else engine.parent
     files = [root / f for f in manifest.files]
     for f in files:
@@ -323,6 +349,12 @@ def check_files(manifest: Manifest, engine: Path, *, full: bool | None = None) -
         raise EngineError(f"{engine}: cannot read the engine: {exc.strerror or exc}") from exc
     if digest != manifest.checksum:
         raise EngineError(f"{engine}: checksum mismatch: the engine files changed since dsc compile wrote them")
+
+
+def tokenizer_config_path(tokenizer: Path) -> Path:
+    """The tokenizer_config.json copied beside an engine's tokenizer: ``x.tokenizer.json`` ->
+    ``x.tokenizer_config.json``, a model folder's ``tokenizer.json`` -> ``tokenizer_config.json``."""
+    return tokenizer.with_name(tokenizer.name[: -len("tokenizer.json")] + "tokenizer_config.json")
 
 
 def write_manifest(manifest: Manifest, path: Path) -> None:
@@ -359,6 +391,7 @@ def manifest_from_graph(graph: Graph, *, backend: str, files: list[Path], **fiel
         skipped_tensors=len(graph.meta.get("skipped_keys", ())),
         quantized=_quantized(graph),
         weights=tuple(WeightGroup(**g) for g in groups),
+        special_tokens=dict(graph.meta.get("special_tokens", {})),
         **fields,
     )
 
@@ -384,6 +417,10 @@ def finish_engine(graph: Graph, *, backend: str, engine: Path, files: list[Path]
             atomic_write_bytes(tok, Path(tokenizer).read_bytes())
             written.append(tok)
             fields["tokenizer"] = tok.name
+            tok_config = Path(tokenizer).with_name("tokenizer_config.json")  # the chat template, when there is one
+            if tok_config.is_file():
+                written.append(tokenizer_config_path(tok))
+                atomic_write_bytes(written[-1], tok_config.read_bytes())
         manifest = manifest_from_graph(graph, backend=backend, files=files, **fields)
         write_manifest(manifest, manifest_path(engine))
     except BaseException:

@@ -41,7 +41,7 @@ class OnnxBackend:
     moe_lowering: str = "contrib"  # fused experts: onnxruntime's MoE kernel, or "gather" (standard ops)
     external_data: bool | None = None  # None: for int (low-bit) weights, or when they pass protobuf's 2 GB limit
 
-    def write(self, graph: Graph, out: Path) -> Manifest:
+    def write(self, graph: Graph, out: Path, **fields) -> Manifest:
         from dsc import __version__
         from dsc.backends.onnx import lower_to_onnx
         from dsc.backends.onnx_io import save_model
@@ -67,7 +67,21 @@ class OnnxBackend:
                 external_data=external,
                 progress=lambda done, _total: bar.update(done - bar.n),
             )
-        return finish_engine(graph, backend=self.name, engine=out, files=files, extra=kernel_facts(model))
+        return finish_engine(graph, backend=self.name, engine=out, files=files, extra=kernel_facts(model), **fields)
+
+
+@dataclass(frozen=True)
+class GenaiFolderBackend:
+    """A model folder for onnxruntime-genai (backends/genai.py): the ONNX engine, genai_config.json, tokenizer."""
+
+    name: ClassVar[str] = "onnx-genai"
+    moe_lowering: str = "contrib"
+    external_data: bool | None = None
+
+    def write(self, graph: Graph, out: Path) -> Manifest:
+        from dsc.backends.genai import write_genai_folder
+
+        return write_genai_folder(graph, out, OnnxBackend(self.moe_lowering, self.external_data).write)
 
 
 def sparse_attention_facts(model) -> dict | None:
@@ -164,12 +178,18 @@ class ExpertParallelBackend:
 
 
 def backend_kind(out: Path, backend: str | None, ep_size: int) -> str:
-    """ "onnx", "tensorrt" or "onnx-ep", from the flags and the output path; CompileError when they disagree."""
+    """ "onnx", "tensorrt", "onnx-ep" or "onnx-genai" (a path without a suffix: an onnxruntime-genai model folder),
+    from the flags and the output path; CompileError when they disagree."""
     if ep_size > 1:
         if backend not in (None, "onnx") or out.suffix:
             raise CompileError(f"{out}: --ep-size writes a directory of ONNX engines; give -o a directory name")
         return "onnx-ep"
+    if not out.suffix and backend in (None, "onnx"):
+        return "onnx-genai"
     kind = backend or SUFFIXES.get(out.suffix.lower())
     if kind is None:
-        raise CompileError(f"{out}: unknown output type '{out.suffix}'; use .onnx (ONNX) or .plan (TensorRT)")
+        raise CompileError(
+            f"{out}: unknown output type '{out.suffix}'; use .onnx (ONNX), .plan (TensorRT) or a folder name without a "
+            "suffix (onnxruntime-genai)"
+        )
     return kind

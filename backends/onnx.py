@@ -1,10 +1,10 @@
 """Lower the IR to a standard ONNX model (opset 21) and write it with streamed weights.
 
 Conventions of the emitted model (also recorded in the manifest):
-- inputs ``input_ids`` / ``position_ids`` int64 [batch, seq], and per layer i the cache
-  ``past_key_values.{i}.key`` / ``.value`` [batch, past, heads, dim] (onnxruntime-genai's names; the
-  layout is sequence-major, not head-major);
-- outputs ``logits`` float32 [batch, seq, vocab] and ``present.{i}.key`` / ``.value`` [batch, past+seq, ...];
+- inputs ``input_ids`` / ``position_ids`` int64 [batch, seq], ``attention_mask`` int64 [batch, past+seq], and per
+  layer i the cache ``past_key_values.{i}.key`` / ``.value`` [batch, heads, past, dim] (onnxruntime-genai's names
+  and layout, ir/graph.py cache_layout);
+- outputs ``logits`` float32 [batch, seq, vocab] and ``present.{i}.key`` / ``.value`` [batch, heads, past+seq, dim];
 - linear weights are stored transposed, [in, out], so each linear layer is a single MatMul.
 
 Everything the backend knows about one IR op is one ``Lowering`` record in ``LOWERINGS``: the function that
@@ -25,7 +25,7 @@ import onnx
 import torch
 from dsc.backends.onnx_io import ONNX_DTYPES, Initializer
 from dsc.ir.graph import Graph, Node, Op, Stacked, Value, Weight
-from dsc.ir.ops import FP8_BLOCK
+from dsc.ir.ops import EMPTY_SLOT_COLUMNS, FP8_BLOCK, MASKED_SCORE
 from dsc.ir.types import DType
 from onnx import TensorProto, helper
 
@@ -263,64 +263,94 @@ def _rope(t: Tape, n: Node, ins: list[str]) -> None:
 
 
 def _attention(t: Tape, n: Node, ins: list[str]) -> None:
-    q, k, v = ins
-    heads, kv_heads = n.inputs[0].type.shape[2], n.inputs[1].type.shape[2]
+    """Causal attention over the cache (head-major [b, Hk, T, d]) with the padding mask: a hidden score gets the
+    lowest finite float (ir/ops.py MASKED_SCORE), so a query with every key hidden stays finite."""
+    q, k, v, _ = ins
+    heads, kv_heads = n.inputs[0].type.shape[2], n.inputs[1].type.shape[1]
     if kv_heads == 1 and isinstance(heads, int):
         _attention_one_kv_head(t, n, ins, heads)
         return
     qh = t.op("Transpose", [q], perm=[0, 2, 1, 3])  # [b, h, s, d]
-    kt = t.op("Transpose", [k], perm=[0, 2, 3, 1])  # [b, h, d, T]
-    vh = t.op("Transpose", [v], perm=[0, 2, 1, 3])  # [b, h, T, dv]
+    kt = t.op("Transpose", [k], perm=[0, 1, 3, 2])  # onnxruntime folds this into the MatMul (transB)
     scores = t.op("Mul", [t.op("MatMul", [qh, kt]), t.f32(n.attrs["scale"])])
+    hidden = _hidden(t, n, ins, rows_per_query=1, mask_axes=[1, 2])  # [b, 1, s, T]
+    probs = t.op("Softmax", [t.op("Where", [hidden, t.f32(MASKED_SCORE), scores])], axis=-1)
+    t.result("Transpose", [t.op("MatMul", [probs, v])], perm=[0, 2, 1, 3])
 
-    def causal_mask() -> str:
-        """Key j is hidden from query i when j > (T - s) + i: the cache sits in front of the new tokens."""
+
+def _hidden(t: Tape, n: Node, ins: list[str], rows_per_query: int, mask_axes: list[int]) -> str:
+    """True where a score is hidden: key j from query row r (query i = r // rows_per_query) when j > (T - s) + i
+    (the cache sits in front of the new tokens), key j is padding (attention_mask 0) or an empty cache slot (ir/ops.py
+    EMPTY_SLOT_COLUMNS). Shared by every attention with the same mask input and symbolic (s, T): every layer's cache
+    has its empty slots at the same positions (cache_append runs on all layers in one step), so the first
+    attention's keys (head 0) stand for all, and the test costs one small slice per step."""
+    q, k, _, mask = ins
+
+    def build() -> str:
         s_len = t.op("Gather", [t.op("Shape", [q]), t.i64(1)], axis=0)
-        t_len = t.op("Gather", [t.op("Shape", [k]), t.i64(1)], axis=0)
+        t_len = t.op("Gather", [t.op("Shape", [k]), t.i64(2)], axis=0)
         zero, one = t.i64(0), t.i64(1)
-        offset = t.op("Sub", [t_len, s_len])
-        rows = t.op("Add", [t.op("Range", [zero, s_len, one]), offset])
-        cols = t.op("Range", [zero, t_len, one])
-        return t.op("Greater", [cols, t.op("Unsqueeze", [rows, t.i64([1])])])
+        query = t.op("Range", [zero, t.op("Mul", [s_len, t.i64(rows_per_query)]), one])
+        if rows_per_query > 1:
+            query = t.op("Div", [query, t.i64(rows_per_query)])
+        limit = t.op("Add", [query, t.op("Sub", [t_len, s_len])])
+        causal = t.op("Greater", [t.op("Range", [zero, t_len, one]), t.op("Unsqueeze", [limit, t.i64([1])])])
+        padding = t.op("Unsqueeze", [t.op("Equal", [mask, t.i64(0)]), t.i64(mask_axes)])
+        head0 = t.op("Slice", [k, t.i64([0, 0]), t.i64([1, EMPTY_SLOT_COLUMNS]), t.i64([1, 3])])  # [b, 1, T, c]
+        # |x| as Max(x, -x) and a or b as not(not a and not b): TensorRT's ONNX parser has neither Abs nor Or
+        magnitude = t.op("Max", [head0, t.op("Neg", [head0])])
+        largest = t.op("ReduceMax", [magnitude, t.i64([-1])], keepdims=0)  # [b, 1, T]
+        empty = t.op("Equal", [largest, t.f32(0.0)])
+        if len(mask_axes) == 2:  # scores [b, h, s, T]
+            empty = t.op("Unsqueeze", [empty, t.i64([2])])
+        shown = t.op("And", [t.op("Not", [causal]), t.op("Not", [padding])])
+        return t.op("Not", [t.op("And", [shown, t.op("Not", [empty])])])
 
-    # Every attention with the same symbolic (s, T) shares one mask.
-    hidden = t.shared(("mask", n.inputs[0].type.shape[1], n.inputs[1].type.shape[1]), causal_mask)
-    probs = t.op("Softmax", [t.op("Where", [hidden, t.f32(-np.inf), scores])], axis=-1)
-    t.result("Transpose", [t.op("MatMul", [probs, vh])], perm=[0, 2, 1, 3])
+    key = ("hidden", mask, rows_per_query, n.inputs[0].type.shape[1], n.inputs[1].type.shape[2])
+    return t.shared(key, build)
 
 
 def _attention_one_kv_head(t: Tape, n: Node, ins: list[str], heads: int) -> None:
     """Multi-query attention (one key/value head: MLA's absorbed latent) without transposes: the query heads of
-    every new token are rows of one [b, s*H, d] matrix against keys [b, T, d], so the cache is read in place
-    (the per-head layout would copy it into [b, 1, d, T] every step)."""
-    q, k, v = ins
-    dk, dv = n.inputs[0].type.shape[3], n.inputs[2].type.shape[3]
-    rows = t.op("Reshape", [q, t.i64([0, -1, dk])])  # [b, s*H, dk]
+    every new token are rows of one [b, s*H, d] matrix against keys [b, T, d], so the cache is read in place.
+    ``joint_kv`` (the latent as key and value halves): keys = values = [k | v], computed as two products per
+    half and summed (scores) or concatenated (outputs), which never copies the cache into one row."""
+    q, k, v, _ = ins
+    dq, dk, dv = n.inputs[0].type.shape[3], n.inputs[1].type.shape[3], n.inputs[2].type.shape[3]
+    rows = t.op("Reshape", [q, t.i64([0, -1, dq])])  # [b, s*H, dq]
     keys = t.op("Reshape", [k, t.i64([0, -1, dk])])  # [b, T, dk]
     values = keys if v == k else t.op("Reshape", [v, t.i64([0, -1, dv])])
-    kt = t.op("Transpose", [keys], perm=[0, 2, 1])  # onnxruntime folds this into the MatMul (FusedMatMul transB)
-    scores = t.op("Mul", [t.op("MatMul", [rows, kt]), t.f32(n.attrs["scale"])])
-
-    def causal_mask() -> str:
-        """Row r = i*H + h is query i: key j is hidden when j > (T - s) + i."""
-        s_len = t.op("Gather", [t.op("Shape", [q]), t.i64(1)], axis=0)
-        t_len = t.op("Gather", [t.op("Shape", [k]), t.i64(1)], axis=0)
-        zero, one = t.i64(0), t.i64(1)
-        query = t.op("Div", [t.op("Range", [zero, t.op("Mul", [s_len, t.i64(heads)]), one]), t.i64(heads)])
-        limit = t.op("Add", [query, t.op("Sub", [t_len, s_len])])
-        cols = t.op("Range", [zero, t_len, one])
-        return t.op("Greater", [cols, t.op("Unsqueeze", [limit, t.i64([1])])])
-
-    hidden = t.shared(("mask_rows", heads, n.inputs[0].type.shape[1], n.inputs[1].type.shape[1]), causal_mask)
-    probs = t.op("Softmax", [t.op("Where", [hidden, t.f32(-np.inf), scores])], axis=-1)
-    t.result("Reshape", [t.op("MatMul", [probs, values]), t.i64([0, -1, heads, dv])])
+    scale = t.f32(n.attrs["scale"])
+    if n.attrs.get("joint_kv"):
+        if dq < 2 * dk:  # an odd latent's zero column
+            rows = t.op("Pad", [rows, t.i64([0, 0, 0, 0, 0, 2 * dk - dq])])
+        q_k, q_v = t.op_multi("Split", [rows, t.i64([dk, dk])], 2, axis=-1)
+        scores = t.op(
+            "Add",
+            [
+                t.op("MatMul", [q_k, t.op("Transpose", [keys], perm=[0, 2, 1])]),
+                t.op("MatMul", [q_v, t.op("Transpose", [values], perm=[0, 2, 1])]),
+            ],
+        )
+        dv = 2 * dk
+    else:
+        # onnxruntime folds the transpose into the MatMul (FusedMatMul transB)
+        scores = t.op("MatMul", [rows, t.op("Transpose", [keys], perm=[0, 2, 1])])
+    scores = t.op("Mul", [scores, scale])
+    hidden = _hidden(t, n, ins, rows_per_query=heads, mask_axes=[1])  # [b, s*H, T]
+    probs = t.op("Softmax", [t.op("Where", [hidden, t.f32(MASKED_SCORE), scores])], axis=-1)
+    if n.attrs.get("joint_kv"):
+        out = t.op("Concat", [t.op("MatMul", [probs, keys]), t.op("MatMul", [probs, values])], axis=-1)
+    else:
+        out = t.op("MatMul", [probs, values])
+    t.result("Reshape", [out, t.i64([0, -1, heads, dv])])
 
 
 # -- DeepSeek-V3.2 sparse attention (DSA, DESIGN.md §9): the indexer, then attention over the selected rows ----
-def _query_positions(t: Tape, q: str, k: str) -> str:
+def _query_positions(t: Tape, q: str, k: str, seq_axis: int = 1) -> str:
     """[s, 1] int64: the absolute position of each new token, the cache in front (T - s + i)."""
     s_len = t.op("Gather", [t.op("Shape", [q]), t.i64(1)], axis=0)
-    t_len = t.op("Gather", [t.op("Shape", [k]), t.i64(1)], axis=0)
+    t_len = t.op("Gather", [t.op("Shape", [k]), t.i64(seq_axis)], axis=0)
     rows = t.op("Add", [t.op("Range", [t.i64(0), s_len, t.i64(1)]), t.op("Sub", [t_len, s_len])])
     return t.op("Unsqueeze", [rows, t.i64([1])])
 
@@ -329,19 +359,21 @@ def _index_topk(t: Tape, n: Node, ins: list[str]) -> None:
     """The lightning indexer: O(T) per query, the only part of DSA that reads the whole context. Scores
     sum_h w[h] relu(q[h] . k) as two MatMuls ([b,s,H,d] @ [b,1,d,T], then [b,s,1,H] @ [b,s,H,T]), later keys at
     -inf, then TopK of min(top_k, T) with ONNX's tie rule (equal scores: lower position first, the interpreter's
-    too). A key-padding mask (attention_mask [b, T]) would join ``future`` in the Where, so padded keys are never
-    selected."""
-    q, k, w = ins
+    too). Padded keys (attention_mask [b, T] 0) get -inf as later keys do, so they are never selected before a
+    real key. The keys are the head-major indexer cache [b, 1, T, d]."""
+    q, k, w, mask = ins
     a = n.attrs
     # Transpose right into the MatMul: onnxruntime fuses it (FusedMatMul transB) and reads the cache in place
-    keys_t = t.op("Transpose", [t.op("Unsqueeze", [k, t.i64([1])])], perm=[0, 1, 3, 2])  # [b, 1, d, T]
+    keys_t = t.op("Transpose", [k], perm=[0, 1, 3, 2])  # [b, 1, d, T]
     dots = t.op("Relu", [t.op("Mul", [t.op("MatMul", [q, keys_t]), t.f32(a["scale"])])])  # [b, s, H, T]
     heads = t.op("Unsqueeze", [t.op("Mul", [w, t.f32(a["weight_scale"])]), t.i64([2])])  # [b, s, 1, H]
     scores = t.op("Squeeze", [t.op("MatMul", [heads, dots]), t.i64([2])])  # [b, s, T]
-    positions = t.op("Range", [t.i64(0), t.op("Gather", [t.op("Shape", [k]), t.i64(1)], axis=0), t.i64(1)])
-    future = t.op("Greater", [positions, _query_positions(t, q, k)])  # [s, T]
+    positions = t.op("Range", [t.i64(0), t.op("Gather", [t.op("Shape", [k]), t.i64(2)], axis=0), t.i64(1)])
+    future = t.op("Greater", [positions, _query_positions(t, q, k, seq_axis=2)])  # [s, T]
+    padding = t.op("Unsqueeze", [t.op("Equal", [mask, t.i64(0)]), t.i64([1])])  # [b, 1, T]
     scores = t.op("Where", [future, t.f32(-np.inf), scores])
-    t_len = t.op("Slice", [t.op("Shape", [k]), t.i64([1]), t.i64([2])])
+    scores = t.op("Where", [padding, t.f32(-np.inf), scores])
+    t_len = t.op("Slice", [t.op("Shape", [k]), t.i64([2]), t.i64([3])])
     if t.moe_lowering == "gather":
         # The standard-ops (TensorRT) flavour: TensorRT wants TopK's K a build-time constant (< 3840, checked by
         # backends/tensorrt_ops.py), so the scores are padded with -inf up to top_k keys. Padding sorts after every
@@ -373,21 +405,45 @@ def _gather_rows(t: Tape, x: str, idx: str, heads: int, dim: int) -> str:
     return t.op("Reshape", [rows, t.i64([0, 0, 0, heads, dim])])
 
 
+def _token_major(t: Tape, n: Node, ins: list[str]) -> tuple[list[str], int, int, int, int]:
+    """Sparse attention's inputs as the lowerings below read them: k, v token-major [b, T, Hk, d] (the cache is
+    head-major [b, Hk, T, d]), ``joint_kv`` resolved to keys = values = [k | v] (q zero-padded to that width).
+    Returns ([q, k, v, mask, idx], heads, kv_heads, dk, dv)."""
+    q, k, v, mask, idx = ins
+    heads, kv_heads = n.inputs[0].type.shape[2], n.inputs[1].type.shape[1]
+    dq, dk, dv = n.inputs[0].type.shape[3], n.inputs[1].type.shape[3], n.inputs[2].type.shape[3]
+    if n.attrs.get("joint_kv"):
+        k = v = t.op("Concat", [k, v], axis=-1)
+        dk = dv = 2 * dk
+        if dq < dk:
+            q = t.op("Pad", [q, t.i64([0, 0, 0, 0, 0, 0, 0, dk - dq])])
+    same = v == k
+    k = t.op("Transpose", [k], perm=[0, 2, 1, 3])
+    v = k if same else t.op("Transpose", [v], perm=[0, 2, 1, 3])
+    return [q, k, v, mask, idx], heads, kv_heads, dk, dv
+
+
+def _padded_keys(t: Tape, mask: str, idx: str, k: str) -> str:
+    """[b, s, K] bool: the selected key is padding (attention_mask 0)."""
+    picked = t.op("GatherND", [mask, t.op("Unsqueeze", [_in_range(t, idx, k), t.i64([-1])])], batch_dims=1)
+    return t.op("Equal", [picked, t.i64(0)])
+
+
 def _sparse_gather(t: Tape, n: Node, ins: list[str]) -> str:
     """Attention over the indexer's K selected keys only, gathered first (cost O(K) per query, never a dense
     attention with a mask): queries grouped by kv head [b, s, Hk, H/Hk, dk] @ keys [b, s, Hk, dk, K]. A selected
-    key after its query (a prompt row with fewer than K earlier keys) stays hidden."""
-    q, k, v, idx = ins
-    heads, kv_heads = n.inputs[0].type.shape[2], n.inputs[1].type.shape[2]
-    dk, dv = n.inputs[0].type.shape[3], n.inputs[2].type.shape[3]
+    key after its query (a prompt row with fewer than K earlier keys) or a padded one stays hidden."""
+    (q, k, v, mask, idx), heads, kv_heads, dk, dv = _token_major(t, n, ins)
     future = t.op("Greater", [idx, _query_positions(t, q, k)])  # [b, s, K]
+    # a or b as not(not a and not b): TensorRT's ONNX parser has no Or
+    future = t.op("Not", [t.op("And", [t.op("Not", [future]), t.op("Not", [_padded_keys(t, mask, idx, k)])])])
     if kv_heads == 1:  # MLA's latent: [b, s, H, dk] @ rows^T [b, s, dk, K], the transpose fused into the MatMul
         keys = t.op("Reshape", [_gather_rows(t, k, idx, 1, dk), t.i64([0, 0, 0, dk])])  # [b, s, K, dk]
         values = keys if v == k else t.op("Reshape", [_gather_rows(t, v, idx, 1, dv), t.i64([0, 0, 0, dv])])
         scores = t.op("MatMul", [q, t.op("Transpose", [keys], perm=[0, 1, 3, 2])])  # [b, s, H, K]
         scores = t.op("Mul", [scores, t.f32(n.attrs["scale"])])
         hidden = t.op("Unsqueeze", [future, t.i64([2])])
-        probs = t.op("Softmax", [t.op("Where", [hidden, t.f32(-np.inf), scores])], axis=-1)
+        probs = t.op("Softmax", [t.op("Where", [hidden, t.f32(MASKED_SCORE), scores])], axis=-1)
         return t.op("MatMul", [probs, values])  # [b, s, H, dv]
     keys = _gather_rows(t, k, idx, kv_heads, dk)  # [b, s, K, Hk, dk]
     values = keys if v == k else _gather_rows(t, v, idx, kv_heads, dv)
@@ -395,17 +451,16 @@ def _sparse_gather(t: Tape, n: Node, ins: list[str]) -> str:
     scores = t.op("MatMul", [grouped, t.op("Transpose", [keys], perm=[0, 1, 3, 4, 2])])  # [b, s, Hk, G, K]
     scores = t.op("Mul", [scores, t.f32(n.attrs["scale"])])
     future = t.op("Unsqueeze", [future, t.i64([2, 3])])
-    probs = t.op("Softmax", [t.op("Where", [future, t.f32(-np.inf), scores])], axis=-1)
+    probs = t.op("Softmax", [t.op("Where", [future, t.f32(MASKED_SCORE), scores])], axis=-1)
     out = t.op("MatMul", [probs, t.op("Transpose", [values], perm=[0, 1, 3, 2, 4])])  # [b, s, Hk, G, dv]
     return t.op("Reshape", [out, t.i64([0, 0, heads, dv])])
 
 
 def _sparse_mask(t: Tape, n: Node, ins: list[str]) -> str:
     """The prefill form: dense scores [b, s, H, T] with every key outside the selection (or after its query)
-    at -inf. Memory O(s T H) like dense attention, where gathering holds O(s K dk) rows (measured in README)."""
-    q, k, v, idx = ins
-    heads, kv_heads = n.inputs[0].type.shape[2], n.inputs[1].type.shape[2]
-    dk, dv = n.inputs[0].type.shape[3], n.inputs[2].type.shape[3]
+    (or after its query, or padding) hidden. Memory O(s T H) like dense attention, where gathering holds O(s K dk)
+    rows (measured in README)."""
+    (q, k, v, mask, idx), heads, kv_heads, dk, dv = _token_major(t, n, ins)
     t_len = t.op("Slice", [t.op("Shape", [k]), t.i64([1]), t.i64([2])])
     grid = t.op("Concat", [t.op("Slice", [t.op("Shape", [idx]), t.i64([0]), t.i64([2])]), t_len], axis=0)
     chosen = t.op(
@@ -416,6 +471,7 @@ def _sparse_mask(t: Tape, n: Node, ins: list[str]) -> str:
     positions = t.op("Range", [t.i64(0), t.op("Squeeze", [t_len, t.i64([0])]), t.i64(1)])
     future = t.op("Greater", [positions, _query_positions(t, q, k)])  # [s, T]
     hidden = t.op("Or", [t.op("Equal", [chosen, t.f32(0.0)]), future])  # [b, s, T]
+    hidden = t.op("Or", [hidden, t.op("Unsqueeze", [t.op("Equal", [mask, t.i64(0)]), t.i64([1])])])
     if kv_heads == 1:  # rows (query, head) against the cache in place, as the one-kv-head dense attention
         rows = t.op("Reshape", [q, t.i64([0, -1, dk])])
         keys = t.op("Reshape", [k, t.i64([0, -1, dk])])
@@ -424,7 +480,7 @@ def _sparse_mask(t: Tape, n: Node, ins: list[str]) -> str:
         by_head = t.op("Concat", [t.i64([0, -1, heads]), t_len], axis=0)  # [b, s, H, T]
         scores = t.op("Reshape", [t.op("Mul", [scores, t.f32(n.attrs["scale"])]), by_head])
         hidden = t.op("Unsqueeze", [hidden, t.i64([2])])  # [b, s, 1, T]
-        probs = t.op("Softmax", [t.op("Where", [hidden, t.f32(-np.inf), scores])], axis=-1)
+        probs = t.op("Softmax", [t.op("Where", [hidden, t.f32(MASKED_SCORE), scores])], axis=-1)
         flat = t.op("Reshape", [probs, t.op("Concat", [t.i64([0, -1]), t_len], axis=0)])  # [b, s*H, T]
         out = t.op("MatMul", [flat, values])  # [b, s*H, dv]
         return t.op("Reshape", [out, t.i64([0, -1, heads, dv])])
@@ -433,7 +489,7 @@ def _sparse_mask(t: Tape, n: Node, ins: list[str]) -> str:
     vh = t.op("Transpose", [v], perm=[0, 2, 1, 3])
     scores = t.op("Mul", [t.op("MatMul", [qh, kt]), t.f32(n.attrs["scale"])])
     hidden = t.op("Unsqueeze", [hidden, t.i64([1])])  # [b, 1, s, T]
-    probs = t.op("Softmax", [t.op("Where", [hidden, t.f32(-np.inf), scores])], axis=-1)
+    probs = t.op("Softmax", [t.op("Where", [hidden, t.f32(MASKED_SCORE), scores])], axis=-1)
     return t.op("Transpose", [t.op("MatMul", [probs, vh])], perm=[0, 2, 1, 3])
 
 
@@ -698,6 +754,33 @@ def _expand(t: Tape, n: Node, ins: list[str]) -> None:
     t.result("Expand", [ins[0], t.i64(shape)])
 
 
+def _cache_append(t: Tape, n: Node, ins: list[str]) -> None:
+    """Concat(past, zeros for the slots the mask has beyond past + new, new) along the sequence axis; the zeros are
+    empty (size 0) in every step but the one after onnxruntime-genai's un-run sampled token. Every layer's cache
+    has the same past and new lengths, so one zeros tensor per cache shape serves all layers."""
+    past, new, mask = ins
+
+    def zeros() -> str:
+        dims = t.op("Shape", [new])  # [b, h, S, d]
+        total = t.op("Shape", [mask], start=1, end=2)
+        seen = t.op("Add", [t.op("Shape", [past], start=2, end=3), t.op("Shape", [new], start=2, end=3)])
+        lead, tail = t.op("Slice", [dims, t.i64([0]), t.i64([2])]), t.op("Slice", [dims, t.i64([3]), t.i64([4])])
+        shape = t.op("Concat", [lead, t.op("Sub", [total, seen]), tail], axis=0)
+        return t.op("ConstantOfShape", [shape], value=_ZERO)
+
+    key = ("cache_gap", mask, n.inputs[0].type.shape, n.inputs[1].type.shape)
+    t.result("Concat", [past, t.shared(key, zeros), new], axis=2)
+
+
+def _transpose(t: Tape, n: Node, ins: list[str]) -> None:
+    t.result("Transpose", [ins[0]], perm=list(n.attrs["perm"]))
+
+
+def _pad(t: Tape, n: Node, ins: list[str]) -> None:
+    rank = n.inputs[0].type.rank
+    t.result("Pad", [ins[0], t.i64([0] * (2 * rank - 1) + [n.attrs["after"]])])
+
+
 def _embedding(t: Tape, n: Node, ins: list[str]) -> None:
     if _is_int(n):  # com.microsoft GatherBlockQuantized: uint8 rows [V, H*bits/8], scales [V, H/block]
         t.result(
@@ -823,6 +906,9 @@ LOWERINGS: dict[Op, Lowering] = {
         Lowering(Op.CONCAT, _simple("Concat", "axis")),
         Lowering(Op.RESHAPE, _reshape),
         Lowering(Op.EXPAND, _expand),
+        Lowering(Op.TRANSPOSE, _transpose),
+        Lowering(Op.CACHE_APPEND, _cache_append),
+        Lowering(Op.PAD, _pad),
         Lowering(Op.MOE_ROUTE, _moe_route, transposed=(1,)),
         Lowering(Op.MOE_COMBINE, _moe_combine),
         Lowering(

@@ -103,6 +103,10 @@ class Profiles:
                 per_dim.append((d, d, d))
             elif d in ranges:
                 per_dim.append(ranges[d])
+            elif isinstance(d, str) and d.split("+") and all(t in ranges for t in d.split("+")):
+                # attention_mask [batch, past+seq]: the sum of the terms' ranges (an upper bound for max)
+                terms = [ranges[t] for t in d.split("+")]
+                per_dim.append(tuple(sum(r[i] for r in terms) for i in range(3)))
             else:
                 raise CompileError(f"input {input_name}: dimension {d!r} has no profile (expected batch, seq or past)")
         return tuple(tuple(r[i] for r in per_dim) for i in range(3))  # type: ignore[return-value]

@@ -9,8 +9,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dsc.backends import Backend, ExpertParallelBackend, OnnxBackend, TensorRTBackend, backend_kind
-from dsc.engine_format import Manifest
+from dsc.backends import (
+    Backend,
+    ExpertParallelBackend,
+    GenaiFolderBackend,
+    OnnxBackend,
+    TensorRTBackend,
+    backend_kind,
+)
+from dsc.engine_format import Manifest, folder_engine
 from dsc.errors import CompileError
 from dsc.files import check_writable_dir
 from dsc.ir.graph import Graph
@@ -65,7 +72,7 @@ class CompileSummary:
 
     @property
     def files(self) -> list[Path]:
-        root = self.output if self.manifest.expert_parallel is not None else self.output.parent
+        root = self.output if self.manifest.expert_parallel is not None else folder_engine(self.output).parent
         return [root / f for f in self.manifest.files]
 
     def lines(self) -> list[str]:
@@ -112,6 +119,8 @@ def make_backend(output: Path, options: CompileOptions) -> Backend:
         )
         require_tensorrt()
         return TensorRTBackend(profiles, options.precision, options.workspace_bytes, options.timing_cache)
+    if kind == "onnx-genai":
+        return GenaiFolderBackend(options.moe_lowering, options.external_data)
     return OnnxBackend(options.moe_lowering, options.external_data)
 
 
@@ -220,12 +229,13 @@ def compile_model(model: str | Path, output: str | Path, options: CompileOptions
 def remove_engine(summary: CompileSummary) -> None:
     import shutil
 
-    from dsc.engine_format import manifest_path
+    from dsc.engine_format import manifest_path, tokenizer_config_path
 
-    if summary.manifest.expert_parallel is not None:
+    if summary.manifest.expert_parallel is not None or summary.output.is_dir():  # a model folder goes whole
         shutil.rmtree(summary.output, ignore_errors=True)
         return
-    extra = [summary.output.parent / summary.manifest.tokenizer] if summary.manifest.tokenizer else []
+    tok = summary.output.parent / summary.manifest.tokenizer if summary.manifest.tokenizer else None
+    extra = [tok, tokenizer_config_path(tok)] if tok is not None else []
     for p in [*summary.files, *extra, manifest_path(summary.output)]:
         p.unlink(missing_ok=True)
 

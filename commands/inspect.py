@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from dsc.engine_format import EP_MANIFEST, read_manifest
+from dsc.engine_format import EP_MANIFEST, folder_engine, read_manifest
 from dsc.errors import DscError
 from dsc.placement import Placement
 
@@ -125,6 +125,7 @@ def placement_lines(p: Placement) -> list[str]:
 
 
 def inspect_path(path: Path) -> tuple[dict[str, Any], str]:
+    path = folder_engine(path)  # a model folder: its engine
     if path.suffix.lower() in (".onnx", ".plan", ".engine"):
         return _inspect_engine(path)
     if (path / EP_MANIFEST).is_file():

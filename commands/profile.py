@@ -22,7 +22,7 @@ log = logging.getLogger("dsc")
 def profile_expert_load(model: Path, prompts: list[list[int]]) -> dict:
     from dsc.frontends.checkpoint import Checkpoint
     from dsc.frontends.loader import trace_checkpoint
-    from dsc.frontends.trace import empty_cache
+    from dsc.frontends.trace import step_feeds
     from dsc.ir.interpreter import Interpreter
     from dsc.prompts import check_ids
 
@@ -44,12 +44,7 @@ def profile_expert_load(model: Path, prompts: list[list[int]]) -> dict:
     tokens = 0
     quiet = not log.isEnabledFor(logging.INFO)
     for ids in tqdm(prompts, desc="profiling", unit="prompt", disable=quiet or None):
-        feeds = {
-            "input_ids": torch.tensor([ids]),
-            "position_ids": torch.arange(len(ids))[None],
-            **empty_cache(graph, 1),
-        }
-        interp.run(feeds)
+        interp.run(step_feeds(graph, torch.tensor([ids]), torch.arange(len(ids))[None]))
         tokens += len(ids)
     return {
         "format": "dsc-expert-load",

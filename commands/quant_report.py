@@ -4,7 +4,6 @@ and (with calibration prompts) the logits, measured against the unquantized mode
 from __future__ import annotations
 
 import numpy as np
-import torch
 from dsc.ir.graph import Graph
 from dsc.passes.base import QuantizedWeight
 
@@ -33,7 +32,7 @@ def per_layer(errors: list[tuple[QuantizedWeight, float]]) -> list[str]:
 
 def calibration(reference: Graph, engine, prompts: list[list[int]]) -> tuple[float, float]:
     """(max relative logit error, top-1 agreement) of the engine against the reference graph, prompt by prompt."""
-    from dsc.frontends.trace import empty_cache
+    from dsc.frontends.trace import step_feeds
     from dsc.ir.interpreter import Interpreter
 
     ref = Interpreter(reference)
@@ -41,8 +40,7 @@ def calibration(reference: Graph, engine, prompts: list[list[int]]) -> tuple[flo
     for ids in prompts:
         arr = np.asarray([ids], dtype=np.int64)
         pos = np.arange(len(ids))[None].copy()
-        feeds = {"input_ids": torch.from_numpy(arr), "position_ids": torch.from_numpy(pos), **empty_cache(reference, 1)}
-        want = ref.run(feeds)["logits"].numpy()
+        want = ref.run(step_feeds(reference, arr, pos))["logits"].numpy()
         got, _ = engine.step(arr, pos, [c.empty(1) for c in engine.cache])
         errors.append(float(np.abs(got - want).max() / np.abs(want).max()))
         agree.append(got.argmax(-1) == want.argmax(-1))

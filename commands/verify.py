@@ -55,7 +55,7 @@ def verify_engine(model: Path, engine_path: Path, *, prompt: Sequence[int] | Non
     from dsc.engine_format import read_manifest
     from dsc.frontends.checkpoint import Checkpoint
     from dsc.frontends.loader import trace_checkpoint
-    from dsc.frontends.trace import empty_cache
+    from dsc.frontends.trace import empty_cache, step_feeds
     from dsc.ir.interpreter import Interpreter
     from dsc.prompts import check_ids
     from dsc.runtime.engine import load_engine
@@ -81,12 +81,7 @@ def verify_engine(model: Path, engine_path: Path, *, prompt: Sequence[int] | Non
         start = len(ids) - len(new)
         input_ids = np.asarray([new], dtype=np.int64)
         positions = np.arange(start, len(ids), dtype=np.int64)[None, :]
-        feeds = {
-            "input_ids": torch.from_numpy(input_ids),
-            "position_ids": torch.from_numpy(positions),
-            **ref_past,
-        }
-        out = ref.run(feeds)
+        out = ref.run(step_feeds(graph, input_ids, positions, ref_past))
         ref_logits = out["logits"].numpy()
         ref_past = {c.past: out[c.present] for c in graph.cache_entries()}
         eng_logits, eng_past = engine.step(input_ids, positions, eng_past)

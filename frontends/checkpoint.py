@@ -152,6 +152,22 @@ class Checkpoint:
         tok = root / "tokenizer.json"
         self.tokenizer_path: Path | None = tok if tok.is_file() else None
 
+    def special_tokens(self) -> dict[str, int | None]:
+        """bos / eos / pad token ids: generation_config.json first, then config.json (transformers' order); None
+        where neither says (a list of eos ids keeps its first)."""
+        found: dict[str, int | None] = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+        for name in ("config.json", "generation_config.json"):
+            try:
+                data = json.loads((self.root / name).read_text())
+            except (OSError, ValueError):
+                continue
+            for key in found:
+                value = data.get(key) if isinstance(data, dict) else None
+                value = value[0] if isinstance(value, list) and value else value
+                if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < self.config.vocab_size:
+                    found[key] = value
+        return found
+
     @classmethod
     def open(cls, path: str | Path) -> Checkpoint:
         """``path``: a .safetensors file, a model.safetensors.index.json, or a directory holding either

@@ -58,4 +58,5 @@ def trace_checkpoint(checkpoint: Checkpoint, *, keep_fp8: bool = True) -> tuple[
     graph = trace_model(checkpoint.config, provider, name=checkpoint.config.model_type)
     graph.meta["skipped_keys"] = list(checkpoint.skipped_keys)
     graph.meta["tokenizer_path"] = checkpoint.tokenizer_path
+    graph.meta["special_tokens"] = checkpoint.special_tokens()
     return checkpoint, graph

@@ -8,7 +8,8 @@ IR op each. Each leaf also runs eagerly through the IR op's reference implementa
 definition can execute without the IR when a weight provider is bound.
 
 Layout conventions: activations are [batch, seq, ...]; per-head tensors are [batch, seq, heads, dim];
-the KV cache of layer i is (key [batch, past, heads, qk_head_dim], value [batch, past, heads, v_head_dim]).
+the KV cache of layer i is a key and a value of one shape, head-major [batch, heads, past, dim], the narrower of
+qk_head_dim / v_head_dim zero-padded (ir/graph.py cache_layout); attention_mask [batch, past+seq] hides padding.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
-from dsc.ir.graph import Op
+import torch.nn.functional as F
+from dsc.ir.graph import Op, cache_layout
 from dsc.ir.ops import run_op
 from torch import nn
 
@@ -82,8 +84,14 @@ class Rope(Leaf):
 class CausalAttention(Leaf):
     op = Op.ATTENTION
 
-    def __init__(self, scale: float):
-        super().__init__({"scale": scale})
+    def __init__(self, scale: float, joint_kv: bool = False):
+        super().__init__({"scale": scale, **({"joint_kv": True} if joint_kv else {})})
+
+
+class CacheAppend(Leaf):
+    """The present cache: past, then empty slots for tokens the mask counts but no step ran, then the new tokens."""
+
+    op = Op.CACHE_APPEND
 
 
 class LayerNorm(Leaf):
@@ -228,9 +236,10 @@ class MLA(nn.Module):
         self.o_proj = Linear(f"{key}.o_proj", n * cfg.v_head_dim, h)
         self.rope = rope
         self.attn = CausalAttention(cfg.softmax_scale)
+        self.append_k, self.append_v = CacheAppend(), CacheAppend()
         self.has_q_lora = bool(cfg.q_lora_rank)
 
-    def forward(self, x, positions, past_k, past_v):
+    def forward(self, x, positions, mask, past_k, past_v):
         n, nope, rope = self.n_heads, self.nope, self.rope_dim
         if self.has_q_lora:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
@@ -244,9 +253,16 @@ class MLA(nn.Module):
         k_nope, v = kv.split([nope, self.v_dim], dim=-1)
         k = torch.cat([k_nope, k_pe.expand(-1, -1, n, -1)], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
-        k_all = torch.cat([past_k, k], dim=1)
-        v_all = torch.cat([past_v, v], dim=1)
-        out = self.attn(q, k_all, v_all)
+        _, width = cache_layout("naive", heads=n, qk_dim=nope + rope, v_dim=self.v_dim)
+        if nope + rope < width:  # zero columns add nothing to q . k
+            q, k = F.pad(q, (0, width - nope - rope)), F.pad(k, (0, width - nope - rope))
+        if self.v_dim < width:
+            v = F.pad(v, (0, width - self.v_dim))
+        k_all = self.append_k(past_k, k.transpose(1, 2), mask)
+        v_all = self.append_v(past_v, v.transpose(1, 2), mask)
+        out = self.attn(q, k_all, v_all, mask)
+        if self.v_dim < width:
+            out = out.split([self.v_dim, width - self.v_dim], dim=-1)[0]
         return self.o_proj(out.flatten(-2)), k_all, v_all
 
 
@@ -268,6 +284,7 @@ class Indexer(nn.Module):
         self.weights_proj = Linear(f"{key}.weights_proj", cfg.hidden_size, sparse.heads)
         self.rope = Rope(list(rope.attrs["inv_freq"]), rope.attrs["scaling"], interleaved=False)
         self.select = IndexTopK(sparse)
+        self.append = CacheAppend()
 
     def _rotate(self, x, positions):
         if self.dim == self.rope_dim:
@@ -275,11 +292,12 @@ class Indexer(nn.Module):
         x_pe, x_rest = x.split([self.rope_dim, self.dim - self.rope_dim], dim=-1)
         return torch.cat([self.rope(x_pe, positions), x_rest], dim=-1)
 
-    def forward(self, x, q_resid, positions, past_keys):
+    def forward(self, x, q_resid, positions, mask, past_keys):
         q = self._rotate(self.wq_b(q_resid).unflatten(-1, (self.heads, self.dim)), positions)
         k = self._rotate(self.k_norm(self.wk(x)), positions)
-        keys = torch.cat([past_keys, k], dim=1)  # the indexer cache: [batch, past + seq, index_head_dim]
-        return self.select(q, keys, self.weights_proj(x)), keys
+        # the indexer cache, one head, head-major as the others: [batch, 1, past + seq, index_head_dim]
+        keys = self.append(past_keys, k.unsqueeze(2).transpose(1, 2), mask)
+        return self.select(q, keys, self.weights_proj(x), mask), keys
 
 
 class SparseMLA(MLA):
@@ -290,7 +308,7 @@ class SparseMLA(MLA):
         self.indexer = Indexer(f"{key}.indexer", cfg, rope)
         self.attn = SparseCausalAttention(cfg.softmax_scale)
 
-    def forward(self, x, positions, past_k, past_v, past_index):
+    def forward(self, x, positions, mask, past_k, past_v, past_index):
         n, nope, rope = self.n_heads, self.nope, self.rope_dim
         q_resid = self.q_a_layernorm(self.q_a_proj(x))
         q = self.q_b_proj(q_resid)
@@ -302,10 +320,17 @@ class SparseMLA(MLA):
         k_nope, v = kv.split([nope, self.v_dim], dim=-1)
         k = torch.cat([k_nope, k_pe.expand(-1, -1, n, -1)], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
-        k_all = torch.cat([past_k, k], dim=1)
-        v_all = torch.cat([past_v, v], dim=1)
-        selected, index_keys = self.indexer(x, q_resid, positions, past_index)
-        out = self.attn(q, k_all, v_all, selected)
+        _, width = cache_layout("naive", heads=n, qk_dim=nope + rope, v_dim=self.v_dim)
+        if nope + rope < width:  # zero columns add nothing to q . k
+            q, k = F.pad(q, (0, width - nope - rope)), F.pad(k, (0, width - nope - rope))
+        if self.v_dim < width:
+            v = F.pad(v, (0, width - self.v_dim))
+        k_all = self.append_k(past_k, k.transpose(1, 2), mask)
+        v_all = self.append_v(past_v, v.transpose(1, 2), mask)
+        selected, index_keys = self.indexer(x, q_resid, positions, mask, past_index)
+        out = self.attn(q, k_all, v_all, mask, selected)
+        if self.v_dim < width:
+            out = out.split([self.v_dim, width - self.v_dim], dim=-1)[0]
         return self.o_proj(out.flatten(-2)), k_all, v_all, index_keys
 
 
@@ -321,8 +346,8 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = MLP(f"{key}.mlp", cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, h, positions, past_k, past_v):
-        attn, k_all, v_all = self.self_attn(self.input_layernorm(h), positions, past_k, past_v)
+    def forward(self, h, positions, mask, past_k, past_v):
+        attn, k_all, v_all = self.self_attn(self.input_layernorm(h), positions, mask, past_k, past_v)
         h = h + attn
         h = h + self.mlp(self.post_attention_layernorm(h))
         return h, k_all, v_all
@@ -331,8 +356,10 @@ class DecoderLayer(nn.Module):
 class SparseDecoderLayer(DecoderLayer):
     """A DeepSeek-V3.2 layer: its cache adds the indexer's keys (DESIGN.md §9)."""
 
-    def forward(self, h, positions, past_k, past_v, past_index):
-        attn, k_all, v_all, index_keys = self.self_attn(self.input_layernorm(h), positions, past_k, past_v, past_index)
+    def forward(self, h, positions, mask, past_k, past_v, past_index):
+        attn, k_all, v_all, index_keys = self.self_attn(
+            self.input_layernorm(h), positions, mask, past_k, past_v, past_index
+        )
         h = h + attn
         h = h + self.mlp(self.post_attention_layernorm(h))
         return h, k_all, v_all, index_keys
@@ -374,11 +401,11 @@ class DeepseekModel(nn.Module):
             if isinstance(m, Leaf):
                 m.bind(provider)
 
-    def forward(self, input_ids, position_ids, past: list[tuple[torch.Tensor, ...]]):
+    def forward(self, input_ids, position_ids, attention_mask, past: list[tuple[torch.Tensor, ...]]):
         """Eager execution (leaves run their IR reference ops). Returns (logits, present)."""
         h = self.embed(input_ids)
         present = []
         for layer, layer_past in zip(self.layers, past, strict=True):
-            h, *layer_present = layer(h, position_ids, *layer_past)
+            h, *layer_present = layer(h, position_ids, attention_mask, *layer_past)
             present.append(tuple(layer_present))
         return self.head(h), present

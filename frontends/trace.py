@@ -15,9 +15,19 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.fx as fx
 from dsc.frontends.model import DeepseekModel, Leaf
-from dsc.ir.graph import CacheEntry, Graph, GraphBuilder, Op, Value
+from dsc.ir.graph import (
+    ATTENTION_MASK,
+    CACHE_SEQ_AXIS,
+    CacheEntry,
+    Graph,
+    GraphBuilder,
+    Op,
+    Value,
+    cache_layout,
+    cache_shape,
+)
 from dsc.ir.ops import block_scale_shape
-from dsc.ir.types import DType
+from dsc.ir.types import DType, dim_add
 from torch import nn
 
 if TYPE_CHECKING:
@@ -85,6 +95,14 @@ class _Translator:
             axes = [i for i, s in enumerate(sizes) if s != -1]
             assert len(axes) == 1, f"expand over {axes}: only one axis supported"
             return self.op(Op.EXPAND, [x], {"axis": axes[0], "size": sizes[axes[0]]})
+        if name in ("transpose", "permute"):
+            if name == "transpose":
+                perm = list(range(len(shape)))
+                a, b = args[1] % len(shape), args[2] % len(shape)
+                perm[a], perm[b] = perm[b], perm[a]
+            else:
+                perm = [p % len(shape) for p in args[1:]]
+            return self.op(Op.TRANSPOSE, [x], {"perm": tuple(perm)})
         if name == "split":
             return self.op(
                 Op.SPLIT,
@@ -102,6 +120,10 @@ class _Translator:
             return self.op(Op.SILU, args)
         if fn is torch.cat:
             return self.op(Op.CONCAT, list(args[0]), {"axis": kwargs.get("dim", args[1] if len(args) > 1 else 0)})
+        if fn is torch.nn.functional.pad:
+            pad = tuple(args[1])
+            assert len(pad) == 2 and pad[0] == 0 and kwargs.get("value") in (None, 0), f"pad {pad}: zeros after the end"
+            return self.op(Op.PAD, [args[0]], {"after": pad[1]})
         if fn is operator.getitem:
             return args[0][args[1]]
         raise NotImplementedError(f"tracer: function {fn} has no IR mapping")
@@ -141,32 +163,44 @@ def empty_cache(graph: Graph, batch: int) -> dict[str, torch.Tensor]:
     }
 
 
-# the cache role of DSA's indexer keys: [batch, past, index_head_dim] per layer
+# the cache role of DSA's indexer keys: [batch, 1, past, index_head_dim] per layer (head-major, one head)
 INDEXER_ROLE = "indexer_key"
 
 
-def kv_shapes(cfg: ModelConfig) -> tuple[tuple[int, int], tuple[int, int]]:
-    """(heads, dim) of the naive cache's key and value tensors."""
-    n = cfg.num_attention_heads
-    return (n, cfg.qk_head_dim), (n, cfg.v_head_dim)
+def step_feeds(graph: Graph, input_ids, position_ids, past: dict | None = None, attention_mask=None) -> dict:
+    """The interpreter's feeds for one step: ids, positions, the mask (all ones by default) and the past cache
+    (``past``: {input name: tensor}; the empty cache by default)."""
+    ids = torch.as_tensor(input_ids)
+    past = dict(past) if past is not None else empty_cache(graph, ids.shape[0])
+    if attention_mask is None:
+        seen = next((t.shape[CACHE_SEQ_AXIS] for t in past.values()), 0)
+        attention_mask = torch.ones(ids.shape[0], seen + ids.shape[1], dtype=torch.int64)
+    return {
+        "input_ids": ids,
+        "position_ids": torch.as_tensor(position_ids),
+        ATTENTION_MASK: torch.as_tensor(attention_mask),
+        **past,
+    }
 
 
 def trace_model(cfg: ModelConfig, weights: WeightProvider, name: str = "deepseek") -> Graph:
-    """Build the IR of one forward step: (input_ids, position_ids, past KV) -> (logits, present KV)."""
+    """Build the IR of one forward step: (input_ids, position_ids, attention_mask, past KV) -> (logits, present
+    KV), with the cache convention of ir/graph.py (cache_layout)."""
     model = DeepseekModel(cfg)
     b = GraphBuilder(Graph(name))
     ids = b.input("input_ids", DType.I64, ("batch", "seq"))
     pos = b.input("position_ids", DType.I64, ("batch", "seq"))
-    (kh, kd), (vh, vd) = kv_shapes(cfg)
-    shapes = {"key": (kh, kd), "value": (vh, vd)}
+    mask = b.input(ATTENTION_MASK, DType.I64, ("batch", dim_add("past", "seq")))
+    heads, dim = cache_layout("naive", heads=cfg.num_attention_heads, qk_dim=cfg.qk_head_dim, v_dim=cfg.v_head_dim)
+    shapes = {"key": cache_shape(heads, dim), "value": cache_shape(heads, dim)}
     if cfg.sparse_attention is not None:  # DSA: the lightning indexer's keys, one head (DESIGN.md §9)
-        shapes[INDEXER_ROLE] = (cfg.sparse_attention.head_dim,)
+        shapes[INDEXER_ROLE] = cache_shape(1, cfg.sparse_attention.head_dim)
     cache = [tuple(CacheEntry.named(i, role) for role in shapes) for i in range(cfg.num_hidden_layers)]
-    past = [[b.input(c.past, DType.F32, ("batch", "past", *shapes[c.role])) for c in entries] for entries in cache]
+    past = [[b.input(c.past, DType.F32, shapes[c.role]) for c in entries] for entries in cache]
     h = _Translator(b, weights, "embed/").run(model.embed, [ids])
     presents = []
     for i, layer in enumerate(model.layers):
-        h, *present = _Translator(b, weights, f"layers.{i}/", layer=i).run(layer, [h, pos, *past[i]])
+        h, *present = _Translator(b, weights, f"layers.{i}/", layer=i).run(layer, [h, pos, mask, *past[i]])
         presents.append(present)
     logits = _Translator(b, weights, "head/").run(model.head, [h])
     outputs = [_renamed(b.graph, logits, "logits")]

@@ -95,7 +95,7 @@ class CacheEntry:
     current by passes that change the cache (mla-absorb), so nothing finds cache pairs by their names."""
 
     layer: int
-    role: str  # "key" / "value" (per-head cache) or "latent" (MLA's compressed cache)
+    role: str  # "key" / "value" (both cache forms: see cache_layout)
     past: str
     present: str
 
@@ -104,6 +104,33 @@ class CacheEntry:
         """The one naming convention for cache tensors: onnxruntime-genai's ``past_key_values.N.role`` in,
         ``present.N.role`` out."""
         return cls(layer, role, f"past_key_values.{layer}.{role}", f"present.{layer}.{role}")
+
+
+# -- the attention and cache I/O convention (onnxruntime-genai's decoder, DESIGN.md §8), in one place ----------
+# Inputs input_ids / position_ids [batch, seq] and attention_mask [batch, past+seq] (1 = a real token, 0 =
+# padding, hidden from every query); per layer a key and a value cache of the same shape, head-major
+# [batch, heads, past, dim] with static heads and dim, concatenated with the new tokens along the sequence axis.
+ATTENTION_MASK = "attention_mask"
+CACHE_SEQ_AXIS = 2
+
+
+def cache_shape(heads: int, dim: int) -> tuple:
+    """The symbolic shape of one cache input: [batch, heads, past, dim]."""
+    return ("batch", heads, "past", dim)
+
+
+def cache_layout(form: str, *, heads: int, qk_dim: int = 0, v_dim: int = 0, latent: int = 0) -> tuple[int, int]:
+    """(heads, dim) of each of a layer's two cache tensors.
+
+    naive: per-head keys (qk_dim) and values (v_dim), the narrower zero-padded to the wider so key and value
+    have one shape (queries are padded with it; the padded output columns are dropped).
+    latent: MLA's [c_kv | k_pe] row (``latent`` values) as one head, key = its first half and value = its second
+    half, attended as one joint row (attention ``joint_kv``); an odd width gets one zero column at the end."""
+    if form == "naive":
+        return heads, max(qk_dim, v_dim)
+    if form == "latent":
+        return 1, (latent + 1) // 2
+    raise ValueError(f"unknown cache form {form!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +225,17 @@ class Graph:
                 ins = tuple(new if v == old else v for v in n.inputs)
                 self.nodes[i] = Node(n.op, n.name, ins, n.outputs, n.attrs, n.meta)
         self.outputs = [new if v == old else v for v in self.outputs]
+
+    def rename(self, value: Value, name: str) -> Value:
+        """``value`` renamed everywhere (graph inputs, outputs, node inputs and outputs); the name must be free."""
+        new = Value(name, value.type)
+        self.inputs = [new if v == value else v for v in self.inputs]
+        for i, n in enumerate(self.nodes):
+            if value in n.outputs:
+                outs = tuple(new if o == value else o for o in n.outputs)
+                self.nodes[i] = Node(n.op, n.name, n.inputs, outs, n.attrs, n.meta)
+        self.replace_uses(value, new)
+        return new
 
     def remove_dead(self) -> int:
         """Drop nodes and weights nothing reaches from the outputs. Returns how many nodes went."""

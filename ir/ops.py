@@ -191,11 +191,15 @@ def _infer_rope(t: list[TensorType], a: Attrs) -> list[TensorType]:
 
 
 def _infer_attention(t: list[TensorType], a: Attrs) -> list[TensorType]:
-    q, k, v = t
-    _need(q.rank == k.rank == v.rank == 4, "attention takes [batch, seq, heads, dim] tensors")
-    _need(q.shape[-1] == k.shape[-1], f"attention: q {q} and k {k} differ in head dim")
+    q, k, v, mask = t
+    _need(q.rank == k.rank == v.rank == 4, "attention takes q [batch, seq, heads, dim] and k, v [batch, heads, T, dim]")
     _need(k.shape[:3] == v.shape[:3], f"attention: k {k} and v {v} differ")
-    _need(k.shape[2] in (1, q.shape[2]), f"attention: {k.shape[2]} kv heads for {q.shape[2]} query heads")
+    _need(k.shape[1] in (1, q.shape[2]), f"attention: {k.shape[1]} kv heads for {q.shape[2]} query heads")
+    _need(mask.dtype == DType.I64 and mask.shape == (k.shape[0], k.shape[2]), f"attention: mask {mask} for keys {k}")
+    if a.get("joint_kv"):  # keys = values = cat(k, v): MLA's latent stored as two halves
+        _need(k.shape == v.shape and q.shape[3] <= 2 * k.shape[3], f"attention: joint k {k}, v {v} for q {q}")
+        return [q.with_shape(q.shape[:3] + (2 * k.shape[3],))]
+    _need(q.shape[-1] == k.shape[-1], f"attention: q {q} and k {k} differ in head dim")
     return [q.with_shape(q.shape[:3] + (v.shape[3],))]
 
 
@@ -207,19 +211,21 @@ def _topk_dim(top_k: int, total: Dim) -> Dim:
 
 
 def _infer_index_topk(t: list[TensorType], a: Attrs) -> list[TensorType]:
-    q, k, w = t
+    q, k, w, mask = t
     _need(
-        q.rank == 4 and k.rank == 3 and w.rank == 3, f"index_topk takes q[b,s,H,d], k[b,T,d], w[b,s,H]: {q}, {k}, {w}"
+        q.rank == 4 and k.rank == 4 and k.shape[1] == 1 and w.rank == 3,
+        f"index_topk takes q[b,s,H,d], k[b,1,T,d], w[b,s,H]: {q}, {k}, {w}",
     )
     _need(q.shape[-1] == k.shape[-1], f"index_topk: q {q} and k {k} differ in head dim")
     _need(w.shape == q.shape[:3], f"index_topk: head weights {w} do not match q {q}")
+    _need(mask.dtype == DType.I64 and mask.shape == (k.shape[0], k.shape[2]), f"index_topk: mask {mask} for keys {k}")
     _need(a["top_k"] >= 1, f"index_topk: top_k must be >= 1, got {a['top_k']}")
-    return [TensorType(DType.I64, q.shape[:2] + (_topk_dim(a["top_k"], k.shape[1]),))]
+    return [TensorType(DType.I64, q.shape[:2] + (_topk_dim(a["top_k"], k.shape[2]),))]
 
 
 def _infer_sparse_attention(t: list[TensorType], a: Attrs) -> list[TensorType]:
-    out = _infer_attention(t[:3], a)
-    idx = t[3]
+    out = _infer_attention(t[:4], a)
+    idx = t[4]
     _need(idx.dtype == DType.I64 and idx.rank == 3, f"sparse_attention: indices {idx} must be int64 [b, s, K]")
     _need(idx.shape[:2] == t[0].shape[:2], f"sparse_attention: indices {idx} do not match q {t[0]}")
     return out
@@ -229,6 +235,32 @@ def _infer_layer_norm(t: list[TensorType], a: Attrs) -> list[TensorType]:
     x, w, b = t
     _need(w.shape == b.shape == (x.shape[-1],), f"layer_norm weight {w} / bias {b} do not match input {x}")
     return [x]
+def _infer_cache_append(t: list[TensorType], a: Attrs) -> list[TensorType]:
+    past, new, mask = t
+    _need(past.rank == new.rank == 4 and past.dtype == new.dtype, f"cache_append: past {past}, new {new}")
+    _need(past.shape[:2] == new.shape[:2] and past.shape[3] == new.shape[3], f"cache_append: past {past}, new {new}")
+    _need(mask.rank == 2 and mask.shape[0] == past.shape[0], f"cache_append: mask {mask} for {past}")
+    return [past.with_shape(past.shape[:2] + (mask.shape[1],) + past.shape[3:])]
+
+
+def _run_cache_append(past: torch.Tensor, new: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    gap = mask.shape[1] - past.shape[2] - new.shape[2]
+    if gap < 0:
+        raise ValueError(f"cache_append: attention_mask covers {mask.shape[1]} tokens, fewer than the cache's")
+    zeros = past.new_zeros(past.shape[0], past.shape[1], gap, past.shape[3])
+    return torch.cat([past, zeros, new], dim=2)
+
+
+def _infer_transpose(t: list[TensorType], a: Attrs) -> list[TensorType]:
+    (x,) = t
+    _need(sorted(a["perm"]) == list(range(x.rank)), f"transpose perm {a['perm']} for {x}")
+    return [x.with_shape(tuple(x.shape[p] for p in a["perm"]))]
+
+
+def _infer_pad(t: list[TensorType], a: Attrs) -> list[TensorType]:
+    (x,) = t
+    _need(isinstance(x.shape[-1], int) and a["after"] >= 0, f"pad {a['after']} on {x}")
+    return [x.with_shape(x.shape[:-1] + (x.shape[-1] + a["after"],))]
 
 
 def _infer_binary(t: list[TensorType], a: Attrs) -> list[TensorType]:
@@ -328,26 +360,49 @@ def _run_rope(x: torch.Tensor, pos: torch.Tensor, a: Attrs) -> torch.Tensor:
     return out.to(x.dtype)
 
 
-def _run_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: Attrs) -> torch.Tensor:
-    s, t = q.shape[1], k.shape[1]
-    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, h, len, d]
-    scores = torch.matmul(qh.float(), kh.float().transpose(-1, -2)) * a["scale"]
-    # Causal with the cache in front: query i sits at absolute position (t - s) + i.
-    mask = torch.arange(t)[None, :] > (torch.arange(s)[:, None] + (t - s))
-    scores = scores.masked_fill(mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    return torch.matmul(probs, vh.float()).transpose(1, 2).to(q.dtype)
+# Hidden scores get the lowest finite float32, not -inf: a query whose keys are all hidden (a left-pad position)
+# then averages finite values instead of making NaN, which would reach the cache and, through 0 * NaN in
+# softmax . V, every later query of the row.
+MASKED_SCORE = float(torch.finfo(torch.float32).min)
 
 
-def index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, a: Attrs) -> torch.Tensor:
+# A cache slot whose key starts with this many exact zeros is empty (cache_append's gap: a token onnxruntime-genai
+# sampled but never ran) and hidden like padding, in every later step too. A real key has no such run of zeros
+# (normalized latents / projections of them); checking a few columns keeps the test's cost small.
+EMPTY_SLOT_COLUMNS = 16
+
+
+def _empty_slots(k: torch.Tensor) -> torch.Tensor:
+    """[b, Hk, T]: True where the key cache slot is empty."""
+    return (k[..., :EMPTY_SLOT_COLUMNS] == 0).all(-1)
+
+
+def _run_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, a: Attrs) -> torch.Tensor:
+    s, t = q.shape[1], k.shape[2]
+    empty = _empty_slots(k)
+    if a.get("joint_kv"):
+        k = v = torch.cat([k, v], dim=-1)
+        q = F.pad(q, (0, k.shape[-1] - q.shape[-1]))
+    qh = q.transpose(1, 2).float()  # [b, h, s, d]; k, v are [b, h or 1, T, d]
+    scores = torch.matmul(qh, k.float().transpose(-1, -2)) * a["scale"]
+    # Causal with the cache in front (query i sits at (t - s) + i), and padding (mask 0) hidden everywhere.
+    hidden = torch.arange(t)[None, :] > (torch.arange(s)[:, None] + (t - s))
+    hidden = hidden[None, None] | (mask == 0)[:, None, None, :] | empty[:, :, None, :]
+    probs = torch.softmax(scores.masked_fill(hidden, MASKED_SCORE), dim=-1)
+    return torch.matmul(probs, v.float()).transpose(1, 2).to(q.dtype)
+
+
+def index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, mask: torch.Tensor, a: Attrs) -> torch.Tensor:
     """The lightning indexer's score of every key for every query, [b, s, T], float32, with keys after the query
-    (causal, the cache in front) at -inf: sum_h w[h] * weight_scale * relu(q[h] . k * scale) (DESIGN.md §9,
-    transformers' DeepseekV32Indexer). A key-padding mask would set padded keys to -inf here too."""
+    (causal, the cache in front) and padded keys (attention_mask 0) at -inf: sum_h w[h] * weight_scale *
+    relu(q[h] . k * scale) (DESIGN.md §9, transformers' DeepseekV32Indexer). k is head-major [b, 1, T, d]."""
+    k = k[:, 0]
     s, t = q.shape[1], k.shape[1]
     dots = torch.einsum("bshd,btd->bsht", q.float(), k.float()) * a["scale"]
     scores = torch.einsum("bsh,bsht->bst", w.float() * a["weight_scale"], torch.relu(dots))
     future = torch.arange(t)[None, :] > (torch.arange(s)[:, None] + (t - s))
-    return scores.masked_fill(future, float("-inf"))
+    hidden = future[None] | (mask == 0)[:, None, :]
+    return scores.masked_fill(hidden, float("-inf"))
 
 
 def select_top_k(scores: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -357,17 +412,21 @@ def select_top_k(scores: torch.Tensor, top_k: int) -> torch.Tensor:
     return order[..., : min(top_k, scores.shape[-1])]
 
 
-def _run_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, a: Attrs):
-    """Causal attention restricted to the keys at ``idx`` (a selected key after the query stays hidden: rows with
-    fewer earlier keys than K select some later ones, as the reference's top-k over -inf does)."""
-    s, t = q.shape[1], k.shape[1]
-    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    scores = torch.matmul(qh.float(), kh.float().transpose(-1, -2)) * a["scale"]  # [b, h, s, T]
+def _run_sparse_attention(q, k, v, mask, idx, a: Attrs):
+    """Causal attention restricted to the keys at ``idx`` (a selected key after the query, or a padded one, stays
+    hidden: rows with fewer earlier keys than K select some later ones, as the reference's top-k over -inf does).
+    k, v head-major [b, Hk, T, d] as attention's, ``joint_kv`` too; hidden scores get MASKED_SCORE."""
+    s, t = q.shape[1], k.shape[2]
+    if a.get("joint_kv"):
+        k = v = torch.cat([k, v], dim=-1)
+        q = F.pad(q, (0, k.shape[-1] - q.shape[-1]))
+    qh = q.transpose(1, 2).float()
+    scores = torch.matmul(qh, k.float().transpose(-1, -2)) * a["scale"]  # [b, h, s, T]
     chosen = torch.zeros(q.shape[0], s, t, dtype=torch.bool).scatter(-1, idx, True)
     future = torch.arange(t)[None, :] > (torch.arange(s)[:, None] + (t - s))
-    hidden = (~chosen | future)[:, None]
-    probs = torch.softmax(scores.masked_fill(hidden, float("-inf")), dim=-1)
-    return torch.matmul(probs, vh.float()).transpose(1, 2).to(q.dtype)
+    hidden = (~chosen | future[None] | (mask == 0)[:, None, :])[:, None]
+    probs = torch.softmax(scores.masked_fill(hidden, MASKED_SCORE), dim=-1)
+    return torch.matmul(probs, v.float()).transpose(1, 2).to(q.dtype)
 
 
 def route(x: torch.Tensor, gate: torch.Tensor, bias: torch.Tensor | None, a: Attrs):
@@ -447,11 +506,11 @@ SCHEMAS: dict[Op, OpSchema] = {
     ),
     Op.RMS_NORM: OpSchema((2, 2), _infer_rms_norm, lambda i, a: [_rms_norm(i[0], i[1], a["eps"])]),
     Op.ROPE: OpSchema((2, 2), _infer_rope, lambda i, a: [_run_rope(i[0], i[1], a)]),
-    Op.ATTENTION: OpSchema((3, 3), _infer_attention, lambda i, a: [_run_attention(*i, a)]),
+    Op.ATTENTION: OpSchema((4, 4), _infer_attention, lambda i, a: [_run_attention(*i, a)]),
     Op.INDEX_TOPK: OpSchema(
-        (3, 3), _infer_index_topk, lambda i, a: [select_top_k(index_scores(i[0], i[1], i[2], a), a["top_k"])]
+        (4, 4), _infer_index_topk, lambda i, a: [select_top_k(index_scores(i[0], i[1], i[2], i[3], a), a["top_k"])]
     ),
-    Op.SPARSE_ATTENTION: OpSchema((4, 4), _infer_sparse_attention, lambda i, a: [_run_sparse_attention(*i, a)]),
+    Op.SPARSE_ATTENTION: OpSchema((5, 5), _infer_sparse_attention, lambda i, a: [_run_sparse_attention(*i, a)]),
     Op.LAYER_NORM: OpSchema(
         (3, 3),
         _infer_layer_norm,
@@ -464,6 +523,9 @@ SCHEMAS: dict[Op, OpSchema] = {
     Op.CONCAT: OpSchema((1, None), _infer_concat, lambda i, a: [torch.cat(i, a["axis"])]),
     Op.RESHAPE: OpSchema((1, 1), _infer_reshape, lambda i, a: [_reshape(i[0], a["shape"])]),
     Op.EXPAND: OpSchema((1, 1), _infer_expand, lambda i, a: [_expand(i[0], a)]),
+    Op.CACHE_APPEND: OpSchema((3, 3), _infer_cache_append, lambda i, a: [_run_cache_append(*i)]),
+    Op.TRANSPOSE: OpSchema((1, 1), _infer_transpose, lambda i, a: [i[0].permute(*a["perm"])]),
+    Op.PAD: OpSchema((1, 1), _infer_pad, lambda i, a: [F.pad(i[0], (0, a["after"]))]),
     Op.MOE_ROUTE: OpSchema(
         (2, 3), _infer_moe_route, lambda i, a: list(route(i[0], i[1], i[2] if len(i) > 2 else None, a))
     ),

@@ -144,10 +144,14 @@ class Op(enum.Enum):
     HEAD_LINEAR = "head_linear"  # (x[..., heads, in], weight[heads, out, in]) -> one linear map per head
     RMS_NORM = "rms_norm"  # (x, weight) eps
     ROPE = "rope"  # (x[..., d], positions[b, s]) inv_freq, scaling, interleaved
-    ATTENTION = "attention"  # (q[b,s,H,dk], k[b,T,Hk,dk], v[b,T,Hk,dv]) causal, scale
+    # (q[b,s,H,dq], k[b,Hk,T,dk], v[b,Hk,T,dv], mask[b,T]) causal + padding mask, scale; joint_kv: keys = values
+    # = cat(k, v) (MLA's latent split in halves, ir/graph.py cache_layout)
+    ATTENTION = "attention"
     # DeepSeek-V3.2 DSA (DESIGN.md §9): the lightning indexer's selection, and attention over the selected keys only
-    INDEX_TOPK = "index_topk"  # (q[b,s,Hi,d], k[b,T,d], w[b,s,Hi]) top_k, scale, weight_scale -> idx[b,s,min(k,T)]
-    SPARSE_ATTENTION = "sparse_attention"  # (q, k, v as attention, idx[b,s,K]) causal, scale: keys idx only
+    # (q[b,s,Hi,d], k[b,1,T,d] head-major, w[b,s,Hi], mask[b,T]) top_k, scale, weight_scale -> idx[b,s,min(k,T)];
+    # padded keys (mask 0) are never selected
+    INDEX_TOPK = "index_topk"
+    SPARSE_ATTENTION = "sparse_attention"  # (q, k, v, mask as attention, idx[b,s,K]) causal, scale: keys idx only
     LAYER_NORM = "layer_norm"  # (x, weight, bias) eps
     ADD = "add"
     MUL = "mul"
@@ -156,6 +160,11 @@ class Op(enum.Enum):
     CONCAT = "concat"  # axis
     RESHAPE = "reshape"  # shape: ints, 0 copies the input dim at that index
     EXPAND = "expand"  # axis, size: broadcast a size-1 axis
+    TRANSPOSE = "transpose"  # perm
+    # (past[b,h,P,d], new[b,h,S,d], mask[b,T]) -> present[b,h,T,d]: past, zeros for T-P-S slots, new (genai's
+    # un-run sampled token, ir/graph.py); attention hides a slot whose key starts with EMPTY_SLOT_COLUMNS zeros
+    CACHE_APPEND = "cache_append"
+    PAD = "pad"  # after: zero columns appended to the last axis
     MOE_ROUTE = "moe_route"  # (x, gate[E,H], bias[E]?) -> (weights[b,s,k], experts[b,s,k])
     MOE_COMBINE = "moe_combine"  # (weights, experts, y_0 ... y_{E-1}) -> sum_k weights * y_experts
     MOE_EXPERTS = (

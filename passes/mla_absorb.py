@@ -16,7 +16,17 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from dsc.ir.graph import CacheEntry, Graph, GraphBuilder, Node, Op, Transformed, Value
+from dsc.ir.graph import (
+    CacheEntry,
+    Graph,
+    GraphBuilder,
+    Node,
+    Op,
+    Transformed,
+    Value,
+    cache_layout,
+    cache_shape,
+)
 from dsc.ir.ops import dequantize
 from dsc.ir.types import DType
 from dsc.passes.base import PassResult
@@ -27,6 +37,7 @@ class _Mla:
     """The naive MLA block around one attention node, as the frontend traces it."""
 
     attn: Node
+    out: Value  # the attention's result [b, s, N, v] (past the split that drops padded value columns)
     q_nope: Value  # [b, s, N, nope]
     q_pe: Value  # rotated, [b, s, N, rope]
     q_split: Node  # SPLIT(RESHAPE(LINEAR(z, W_q))) -> q_nope, q_pe (unrotated)
@@ -55,26 +66,37 @@ class _Refuse(Exception):
     pass
 
 
+def _unwrap(producers: dict[str, Node], v: Value, *ops: Op) -> Value:
+    """``v`` seen through the given single-input ops (the padding and head-major transposes of the naive cache)."""
+    node = producers.get(v.name)
+    while node is not None and node.op in ops:
+        v = node.inputs[0]
+        node = producers.get(v.name)
+    return v
+
+
 def _match(g: Graph, attn: Node, producers: dict[str, Node], users: dict[str, list[Node]]) -> _Mla:
-    q, k_all, v_all = attn.inputs[:3]  # sparse attention adds the indexer's selection, kept as it is
-    cat_k, cat_v = _only(producers.get(k_all.name), Op.CONCAT), _only(producers.get(v_all.name), Op.CONCAT)
+    q, k_all, v_all, _mask = attn.inputs[:4]  # sparse attention adds the indexer's selection, kept as it is
+    cat_k = _only(producers.get(k_all.name), Op.CACHE_APPEND)
+    cat_v = _only(producers.get(v_all.name), Op.CACHE_APPEND)
     inputs = {v.name for v in g.inputs}
-    if len(cat_k.inputs) != 2 or cat_k.inputs[0].name not in inputs or cat_v.inputs[0].name not in inputs:
+    if cat_k.inputs[0].name not in inputs or cat_v.inputs[0].name not in inputs:
         raise _Refuse("keys/values are not a graph-input cache concatenated with new tokens")
     if k_all not in g.outputs or v_all not in g.outputs:
         raise _Refuse("the concatenated cache is not returned as present keys/values")
-    k_new = _only(producers.get(cat_k.inputs[1].name), Op.CONCAT)
+    k_new = _only(producers.get(_unwrap(producers, cat_k.inputs[1], Op.TRANSPOSE, Op.PAD).name), Op.CONCAT)
     k_nope, k_pe_wide = k_new.inputs
     expand = _only(producers.get(k_pe_wide.name), Op.EXPAND)
     kv_split = _only(producers.get(k_nope.name), Op.SPLIT)
-    if cat_v.inputs[1] != kv_split.outputs[1] or k_nope != kv_split.outputs[0]:
+    v_new = _unwrap(producers, cat_v.inputs[1], Op.TRANSPOSE, Op.PAD)
+    if v_new != kv_split.outputs[1] or k_nope != kv_split.outputs[0]:
         raise _Refuse("k_nope and v do not come from one split of kv_b_proj's output")
     kv_lin = _only(producers.get(_only(producers.get(kv_split.inputs[0].name), Op.RESHAPE).inputs[0].name), Op.LINEAR)
     c_n, kv_b = kv_lin.inputs[:2]
     kv_b_scale = kv_lin.inputs[2] if len(kv_lin.inputs) > 2 else None
     if kv_b.name not in g.weights:
         raise _Refuse("kv_b_proj is not a weight")
-    q_cat = _only(producers.get(q.name), Op.CONCAT)
+    q_cat = _only(producers.get(_unwrap(producers, q, Op.PAD).name), Op.CONCAT)
     q_nope, q_pe = q_cat.inputs
     q_split = _only(producers.get(q_nope.name), Op.SPLIT)
     rope = _only(producers.get(q_pe.name), Op.ROPE)
@@ -85,7 +107,12 @@ def _match(g: Graph, attn: Node, producers: dict[str, Node], users: dict[str, li
     # Folding rewrites the query / output projections in float32; FP8 ones (3 inputs) keep their own form.
     single_use = q_lin is not None and q_lin.op == Op.LINEAR and len(q_lin.inputs) == 2
     single_use = single_use and len(users[q_lin.output.name]) == 1
-    o_users = users.get(attn.output.name, [])
+    # The attention's result: its output, or the first part of a split dropping the values' zero padding.
+    out = attn.output
+    o_users = users.get(out.name, [])
+    if len(o_users) == 1 and o_users[0].op == Op.SPLIT:
+        out = o_users[0].outputs[0]
+        o_users = users.get(out.name, [])
     o_lin = None
     if len(o_users) == 1 and o_users[0].op == Op.RESHAPE and len(users[o_users[0].output.name]) == 1:
         cand = users[o_users[0].output.name][0]
@@ -93,6 +120,7 @@ def _match(g: Graph, attn: Node, producers: dict[str, Node], users: dict[str, li
     heads, nope = k_nope.type.shape[2], k_nope.type.shape[3]
     return _Mla(
         attn,
+        out,
         q_nope,
         q_pe,
         q_split,
@@ -164,13 +192,15 @@ class MlaAbsorbPass:
                 except _Refuse as why:
                     refused[node.name] = str(why)
         folded = {"q": 0, "o": 0}
-        for m in matches:
-            self._rewrite(g, m, folded)
+        renames = [r for m in matches for r in self._rewrite(g, m, folded)]
         g.remove_dead()
+        for entry, past, present in renames:  # the replaced naive tensors are gone: take over their names
+            g.rename(past, entry.past)
+            g.rename(present, entry.present)
         stats = {"absorbed": len(matches), "refused": refused, "folded_q": folded["q"], "folded_o": folded["o"]}
         return PassResult(g, bool(matches), stats)
 
-    def _rewrite(self, g: Graph, m: _Mla, folded: dict[str, int]) -> None:
+    def _rewrite(self, g: Graph, m: _Mla, folded: dict[str, int]) -> list[tuple[CacheEntry, Value, Value]]:
         b = GraphBuilder(g)
         b.insert_at = g.nodes.index(m.attn)
         meta = {**m.attn.meta, "from_pass": self.name, "from": m.attn.name}
@@ -184,14 +214,23 @@ class MlaAbsorbPass:
         def op(kind: Op, inputs, attrs=None, **kw) -> Node:
             return b.op(kind, inputs, attrs, name=f"{prefix}/{kind.value}", meta=meta, **kw)
 
-        # The latent cache: [c | k_pe] per token, one tensor per layer.
+        # The latent cache: the [c | k_pe] row of each token (one zero column when its width is odd), its first
+        # half as the key cache and its second half as the value cache, each [batch, 1, past, half].
         layer = next(c.layer for c in g.cache_entries() if c.past == m.past_k.name)
-        entry = CacheEntry.named(layer, "latent")
-        past = Value(entry.past, m.past_k.type.with_shape(("batch", "past", kv_lora + rope)))
+        entries = (CacheEntry.named(layer, "key"), CacheEntry.named(layer, "value"))
+        _, half = cache_layout("latent", heads=1, latent=kv_lora + rope)
         flat_pe = op(Op.RESHAPE, [m.k_pe], {"shape": (0, 0, rope)}).output
         new = op(Op.CONCAT, [m.c_n, flat_pe], {"axis": -1}).output
-        present = op(Op.CONCAT, [past, new], {"axis": 1}, out_names=[entry.present]).output
-        keys = op(Op.RESHAPE, [present], {"shape": (0, 0, 1, kv_lora + rope)}).output
+        if 2 * half > kv_lora + rope:
+            new = op(Op.PAD, [new], {"after": 2 * half - kv_lora - rope}).output
+        pasts, presents = [], []
+        for entry, part in zip(entries, op(Op.SPLIT, [new], {"axis": -1, "sizes": (half, half)}).outputs, strict=True):
+            past = Value(b.fresh(f"{entry.past}.latent"), m.past_k.type.with_shape(cache_shape(1, half)))
+            rows = op(Op.RESHAPE, [part], {"shape": (0, 0, 1, half)}).output
+            head_major = op(Op.TRANSPOSE, [rows], {"perm": (0, 2, 1, 3)}).output
+            present = op(Op.CACHE_APPEND, [past, head_major, m.attn.inputs[3]]).output
+            pasts.append(past)
+            presents.append(present)
 
         if self.fold_q and m.q_linear is not None:
             w_q = m.q_linear.inputs[1]
@@ -209,14 +248,12 @@ class MlaAbsorbPass:
             )
             q_lat, q_pe = op(Op.HEAD_LINEAR, [m.q_nope, uk_t]).output, m.q_pe
         q_abs = op(Op.CONCAT, [q_lat, q_pe], {"axis": -1}).output
-        # The values are the c columns of the keys. Attending over whole [c | k_pe] rows and dropping the rope
-        # columns of the output costs rope/kv_lora more multiply-adds in softmax . V but no copy of the cache's
-        # c columns every step (a split of the cache would copy it, the whole context long).
+        # Scores and outputs over the joint [key | value] row, computed on the two cache halves as they are: no
+        # copy of the cache into one row per step. The output's rope columns (and zero column) are dropped.
         # DSA (sparse_attention) keeps its selected key positions: they index the latent rows the same way.
-        o_full = op(
-            m.attn.op, [q_abs, keys, keys, *m.attn.inputs[3:]], m.attn.attrs
-        ).output  # [b, s, N, kv_lora + rope]
-        o_lat = op(Op.SPLIT, [o_full], {"axis": -1, "sizes": (kv_lora, rope)}).outputs[0]  # [b, s, N, kv_lora]
+        attrs = {**m.attn.attrs, "joint_kv": True}
+        o_full = op(m.attn.op, [q_abs, *presents, *m.attn.inputs[3:]], attrs).output  # [b, s, N, 2 * half]
+        o_lat = op(Op.SPLIT, [o_full], {"axis": -1, "sizes": (kv_lora, 2 * half - kv_lora)}).outputs[0]
 
         if self.fold_o and m.o_linear is not None:
             w_o = m.o_linear.inputs[1]
@@ -231,12 +268,10 @@ class MlaAbsorbPass:
             uv = b.weight(
                 f"{m.kv_b.name}.w_uv", DType.F32, (n, m.v_dim, kv_lora), Transformed("w_uv", (src,), _uv(n, nope))
             )
-            g.replace_uses(m.attn.output, op(Op.HEAD_LINEAR, [o_lat, uv]).output)
+            g.replace_uses(m.out, op(Op.HEAD_LINEAR, [o_lat, uv]).output)
 
-        g.inputs = [past if v == m.past_k else v for v in g.inputs if v != m.past_v]
-        g.outputs = [present if v == m.present_k else v for v in g.outputs if v != m.present_v]
-        kept = [c for c in g.cache_entries() if c.layer != layer or c.role not in ("key", "value")]
-        g.meta["kv_cache"] = tuple(
-            sorted([*kept, entry], key=lambda c: (c.layer, c.role not in ("key", "value", "latent")))
-        )
+        swap = {m.past_k: pasts[0], m.past_v: pasts[1], m.present_k: presents[0], m.present_v: presents[1]}
+        g.inputs = [swap.get(v, v) for v in g.inputs]
+        g.outputs = [swap.get(v, v) for v in g.outputs]
         g.meta["kv_cache_form"] = "latent"
+        return list(zip(entries, pasts, presents, strict=True))

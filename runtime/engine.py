@@ -11,19 +11,22 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-from dsc.engine_format import CacheTensor, Manifest, check_files, read_manifest
+from dsc.engine_format import CacheTensor, Manifest, check_files, folder_engine, full_mask, read_manifest
 from dsc.errors import EngineError
+from dsc.ir.graph import ATTENTION_MASK
 
 
 class Engine(Protocol):
     manifest: Manifest
     cache: tuple[CacheTensor, ...]
 
-    def step(self, input_ids: np.ndarray, position_ids: np.ndarray, past: list) -> tuple[np.ndarray, list]:
+    def step(
+        self, input_ids: np.ndarray, position_ids: np.ndarray, past: list, attention_mask: np.ndarray | None = None
+    ) -> tuple[np.ndarray, list]:
         """Run new tokens through the model. Returns (logits [b, s, vocab], present cache tensors). ``past`` is the
         previous step's present (or ``[c.empty(batch) for c in cache]``); engines may return the present as their
         own array type (onnxruntime OrtValues, torch tensors) as long as ``np.asarray`` reads it and ``step``
-        takes it back as past."""
+        takes it back as past. ``attention_mask`` [b, past+seq] (1 = token, 0 = padding): all ones when None."""
         ...
 
 
@@ -128,12 +131,17 @@ class OnnxEngine:
         # a decode step moves only ids in and logits out, never the cache (onnxruntime-gpu's IO binding).
         self.cache_device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
 
-    def step(self, input_ids: np.ndarray, position_ids: np.ndarray, past: list) -> tuple[np.ndarray, list]:
+    def step(
+        self, input_ids: np.ndarray, position_ids: np.ndarray, past: list, attention_mask: np.ndarray | None = None
+    ) -> tuple[np.ndarray, list]:
         import onnxruntime as ort
 
+        if attention_mask is None:
+            attention_mask = full_mask(input_ids, past, self.cache)
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
+        binding.bind_cpu_input(ATTENTION_MASK, np.ascontiguousarray(attention_mask, dtype=np.int64))
         for c, p in zip(self.cache, past, strict=True):
             if isinstance(p, ort.OrtValue):
                 binding.bind_ortvalue_input(c.input, p)
@@ -148,7 +156,7 @@ class OnnxEngine:
 
 
 def load_engine(path: str | Path, *, threads: int | None = None, device: str = "cpu") -> Engine:
-    path = Path(path)
+    path = folder_engine(Path(path))
     suffix = path.suffix.lower()
     if suffix == ".onnx":
         return OnnxEngine(path, threads=threads, providers=providers_for(device))

@@ -23,8 +23,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from dsc.engine_format import Manifest, read_manifest
+from dsc.engine_format import Manifest, full_mask, read_manifest
 from dsc.errors import EngineError
+from dsc.ir.graph import ATTENTION_MASK
 from dsc.runtime.engine import ort_session
 
 
@@ -71,8 +72,14 @@ class EpEngine:
                 f"(checksums {[hex(int(t)) for t in every]})"
             )
 
-    def step(self, input_ids, position_ids, past) -> tuple[np.ndarray, list[np.ndarray]]:
-        env: dict[str, np.ndarray] = {"input_ids": input_ids, "position_ids": position_ids}
+    def step(self, input_ids, position_ids, past, attention_mask=None) -> tuple[np.ndarray, list[np.ndarray]]:
+        if attention_mask is None:
+            attention_mask = full_mask(input_ids, past, self.cache)
+        env: dict[str, np.ndarray] = {
+            "input_ids": input_ids,
+            "position_ids": position_ids,
+            ATTENTION_MASK: np.ascontiguousarray(attention_mask, dtype=np.int64),
+        }
         env.update({c.input: np.asarray(p) for c, p in zip(self.cache, past, strict=True)})
         for k, (seg, spec) in enumerate(zip(self.segments, self.ep.segments, strict=True)):
             outs = seg.run(list(spec.outputs), {i.name: env[i.name] for i in spec.inputs})

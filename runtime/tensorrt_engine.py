@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from dsc.engine_format import read_manifest
+from dsc.engine_format import full_mask, read_manifest
 from dsc.errors import EngineError
+from dsc.ir.graph import ATTENTION_MASK
 
 _HINT = "pip install 'dsc[tensorrt]' on a machine with an NVIDIA GPU, or compile with -o model.onnx to run here"
 _ALIGN = 256  # TensorRT wants every tensor address 256-byte aligned
@@ -84,7 +85,7 @@ class TensorRTEngine:
         names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
         self._inputs = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self._outputs = [n for n in names if n not in self._inputs]
-        expected_in = {"input_ids", "position_ids", *(c.input for c in self.cache)}
+        expected_in = {"input_ids", "position_ids", ATTENTION_MASK, *(c.input for c in self.cache)}
         expected_out = {"logits", *(c.output for c in self.cache)}
         if set(self._inputs) != expected_in or set(self._outputs) != expected_out:
             raise EngineError(f"{self.path}: the plan's inputs/outputs do not match its manifest")
@@ -141,24 +142,28 @@ class TensorRTEngine:
                 f"{list(lo)}..{list(hi)} (dsc compile --max-batch / --max-seq-len set it)"
             )
 
-    def step(self, input_ids, position_ids, past: list) -> tuple[np.ndarray, list]:
+    def step(self, input_ids, position_ids, past: list, attention_mask=None) -> tuple[np.ndarray, list]:
         """One forward over new tokens. ``past``: numpy arrays or torch tensors (on any device); returns
         (logits [b, s, vocab] numpy, present cache as torch tensors on the engine's device). One token runs on the
         decode profile; more run on the prefill profile, in chunks of at most the plan's prefill chunk."""
         if len(past) != len(self.cache):
             raise EngineError(f"{self.path}: expected {len(self.cache)} cache tensors, got {len(past)}")
         seq = np.shape(input_ids)[1]
+        if attention_mask is None:
+            attention_mask = full_mask(input_ids, past, self.cache)
         if seq == 1:
-            return self._run("decode", input_ids, position_ids, past)
+            return self._run("decode", input_ids, position_ids, past, attention_mask)
         profile, chunk = ("prefill", self._chunk) if "prefill" in self._profiles else ("decode", 1)
+        seen = np.shape(attention_mask)[1] - seq  # the mask covers past + seq; each chunk sees its prefix
         pieces = []
         for start in range(0, seq, chunk):
             end = min(start + chunk, seq)
-            logits, past = self._run(profile, input_ids[:, start:end], position_ids[:, start:end], past)
+            mask = attention_mask[:, : seen + end]
+            logits, past = self._run(profile, input_ids[:, start:end], position_ids[:, start:end], past, mask)
             pieces.append(logits)
         return (pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=1)), past
 
-    def _run(self, profile: str, input_ids, position_ids, past: list) -> tuple[np.ndarray, list]:
+    def _run(self, profile: str, input_ids, position_ids, past: list, attention_mask) -> tuple[np.ndarray, list]:
         import torch
 
         stream = self._stream
@@ -166,7 +171,7 @@ class TensorRTEngine:
             stream.wait_stream(torch.cuda.current_stream(self.device))  # past may come from the caller's stream
         ctx = self._context(profile)
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            feeds = {"input_ids": input_ids, "position_ids": position_ids}
+            feeds = {"input_ids": input_ids, "position_ids": position_ids, ATTENTION_MASK: attention_mask}
             feeds.update({c.input: p for c, p in zip(self.cache, past, strict=True)})
             buffers = {}
             for name, value in feeds.items():

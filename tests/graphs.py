@@ -14,13 +14,16 @@ def _w(b: GraphBuilder, name: str, *shape: int, seed: int):
     return b.weight(name, DType.F32, shape, Constant(t, name))
 
 
-def hand_built_mla(q_lora: bool = True, scale: float = 0.3) -> Graph:
-    """The naive MLA block of DESIGN.md §4, built op by op (cache in, present cache out)."""
+def hand_built_mla(q_lora: bool = True, scale: float = 0.3, kv_lora: int = KV_LORA) -> Graph:
+    """The naive MLA block of DESIGN.md §4, built op by op as the frontend traces it (cache in, present cache out;
+    head-major caches of one shape, the values zero-padded to the keys' width, the attention mask)."""
+    KV_LORA = kv_lora  # noqa: N806 (the block's own latent width)
     b = GraphBuilder(Graph("mla"))
     x = b.input("x", DType.F32, ("batch", "seq", H))
     pos = b.input("position_ids", DType.I64, ("batch", "seq"))
-    past_k = b.input("past_key_values.0.key", DType.F32, ("batch", "past", N, NOPE + ROPE))
-    past_v = b.input("past_key_values.0.value", DType.F32, ("batch", "past", N, V))
+    mask = b.input("attention_mask", DType.I64, ("batch", "past+seq"))
+    past_k = b.input("past_key_values.0.key", DType.F32, ("batch", N, "past", NOPE + ROPE))
+    past_v = b.input("past_key_values.0.value", DType.F32, ("batch", N, "past", NOPE + ROPE))
     rope = {"inv_freq": (1.0, 0.1), "scaling": 1.0, "interleaved": True}
     if q_lora:
         z = b.op(Op.LINEAR, [x, _w(b, "q_a", Q_LORA, H, seed=1)]).output
@@ -43,9 +46,13 @@ def hand_built_mla(q_lora: bool = True, scale: float = 0.3) -> Graph:
     k_nope, v = b.op(Op.SPLIT, [kv], {"axis": -1, "sizes": (NOPE, V)}).outputs
     k = b.op(Op.CONCAT, [k_nope, b.op(Op.EXPAND, [k_pe], {"axis": 2, "size": N}).output], {"axis": -1}).output
     q = b.op(Op.CONCAT, [q_nope, q_pe], {"axis": -1}).output
-    k_all = b.op(Op.CONCAT, [past_k, k], {"axis": 1}, out_names=["present.0.key"]).output
-    v_all = b.op(Op.CONCAT, [past_v, v], {"axis": 1}, out_names=["present.0.value"]).output
-    o = b.op(Op.ATTENTION, [q, k_all, v_all], {"scale": scale}).output
+    v = b.op(Op.PAD, [v], {"after": NOPE + ROPE - V}).output
+    k = b.op(Op.TRANSPOSE, [k], {"perm": (0, 2, 1, 3)}).output
+    v = b.op(Op.TRANSPOSE, [v], {"perm": (0, 2, 1, 3)}).output
+    k_all = b.op(Op.CACHE_APPEND, [past_k, k, mask], out_names=["present.0.key"]).output
+    v_all = b.op(Op.CACHE_APPEND, [past_v, v, mask], out_names=["present.0.value"]).output
+    o = b.op(Op.ATTENTION, [q, k_all, v_all, mask], {"scale": scale}).output
+    o = b.op(Op.SPLIT, [o], {"axis": -1, "sizes": (V, NOPE + ROPE - V)}).outputs[0]
     o = b.op(Op.RESHAPE, [o], {"shape": (0, 0, N * V)}).output
     y = b.op(Op.LINEAR, [o, _w(b, "o_proj", H, N * V, seed=7)], out_names=["y"]).output
     b.graph.outputs = [y, k_all, v_all]

@@ -134,12 +134,12 @@ def test_manifest_describes_the_engine(tiny, tmp_path):
     s = compile_quiet(tiny, tmp_path / "m.onnx")
     assert json.loads((tmp_path / "m.manifest.json").read_text())["format"] == "dsc-engine"
     m = read_manifest(s.output)
-    assert m.backend == "onnx" and m.format_version == 2 and m.files == ("m.onnx",)
+    assert m.backend == "onnx" and m.format_version == 3 and m.files == ("m.onnx",)
     assert m.checksum == hashlib.sha256(s.output.read_bytes()).hexdigest()
     assert [i.name for i in m.inputs[:2]] == ["input_ids", "position_ids"]
     assert m.outputs[0].name == "logits"
     assert m.kv_cache.form == "latent"
-    assert [(c.layer, c.role) for c in m.cache] == [(i, "latent") for i in range(3)]
+    assert [(c.layer, c.role) for c in m.cache] == [(i, r) for i in range(3) for r in ("key", "value")]
     assert [p.name for p in m.passes] == ["mla-absorb", "expert-fusion", "linear-fusion", "cleanup"]
     assert m.config["hidden_size"] == 64 and m.vocab_size == 256
     assert Manifest.from_json(m.to_json(), s.output) == m  # one writer, one reader: a lossless round trip

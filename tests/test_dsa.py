@@ -75,13 +75,14 @@ def test_onnx_engine_matches_transformers(case: Case, form: str, tmp_path: Path)
     layers = DSA_CONFIGS[case.name]["num_hidden_layers"]
     roles = [c.role for c in manifest.kv_cache.tensors]
     assert roles.count("indexer_key") == layers
-    assert roles.count("key" if form == "naive" else "latent") == layers
+    assert roles.count("key") == roles.count("value") == layers  # naive and latent (halves) alike
+    assert manifest.kv_cache.form == ("naive" if form == "naive" else "latent")
     assert "indexer_key" in manifest.kv_cache.layout
     assert "gather" in manifest.extra["sparse_attention"]["decode"]
     assert manifest.extra["sparse_attention"]["prefill"].startswith("mask")
     assert manifest.config["index_topk"] == DSA_CONFIGS[case.name]["index_topk"]  # reads back as config.json
     index_dim = DSA_CONFIGS[case.name]["index_head_dim"]
-    assert all(c.shape == ("batch", "past", index_dim) for c in manifest.kv_cache.tensors if c.role == "indexer_key")
+    assert all(c.shape == ("batch", 1, "past", index_dim) for c in manifest.kv_cache.tensors if c.role == "indexer_key")
     past = [c.empty(len(PROMPT)) for c in engine.cache]
     check(case, forced(engine.step, past, PROMPT, case.generated, DECODE_STEPS))
     assert generate(engine, PROMPT, DECODE_STEPS + 1).tokens == case.generated
@@ -96,8 +97,8 @@ def test_interpreter_matches_transformers_with_clear_selection_margins(case: Cas
         for v, t in zip(node.outputs, outs, strict=True):
             env[v.name] = t
         if node.op == Op.INDEX_TOPK:
-            q, k, w = (env[v.name] for v in node.inputs)
-            scores = index_scores(q, k, w, node.attrs)
+            q, k, w, mask = (env[v.name] for v in node.inputs)
+            scores = index_scores(q, k, w, mask, node.attrs)
             top = node.attrs["top_k"]
             if scores.shape[-1] > top:
                 ranked = scores.sort(dim=-1, descending=True).values
@@ -113,6 +114,7 @@ def test_interpreter_matches_transformers_with_clear_selection_margins(case: Cas
     def step(ids, pos, past):
         env.clear()
         env.update({v.name: p for v, p in zip(caches, past, strict=True)})
+        env["attention_mask"] = torch.ones(ids.shape[0], past[0].shape[2] + ids.shape[1], dtype=torch.int64)
         feeds = {"input_ids": torch.from_numpy(ids), "position_ids": torch.from_numpy(pos), **env}
         out = interp.run(feeds)
         return out["logits"].numpy(), [out[v.name.replace("past_key_values.", "present.")] for v in caches]
@@ -142,3 +144,21 @@ def test_selection_changes_the_logits(name: str, tmp_path: Path):
     ids = torch.tensor(PROMPT)
     with torch.no_grad():
         assert rel_error(sparse(ids).logits, dense(ids).logits) > 100 * RTOL
+
+
+PADDED_PROMPTS = [[5, 17, 42], [1, 9, 3, 77, 100, 12, 64, 8, 21, 30], [33, 2, 90, 11, 7]]
+
+
+@pytest.mark.parametrize("form", sorted(FORMS))
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padded_batch_rows_equal_each_prompt_alone(form: str, side: str, tmp_path: Path):
+    """attention_mask with DSA: padded keys are never selected by the indexer's top-k nor attended, so each row of a
+    padded batch gives the tokens (and logits) of its prompt alone, with top-k below the context."""
+    ckpt = save_hf_checkpoint("v32_topk_below_context", tmp_path / "ckpt")
+    engine = OnnxEngine(compile_model(ckpt, tmp_path / "model.onnx", FORMS[form]).output, threads=1)
+    batch = generate(engine, PADDED_PROMPTS, 6, padding=side, keep_logits=True)
+    for row, prompt in enumerate(PADDED_PROMPTS):
+        alone = generate(engine, [prompt], 6, keep_logits=True)
+        assert batch.tokens[row] == alone.tokens[0], (side, row)
+        for got, want in zip(batch.steps_logits, alone.steps_logits, strict=True):
+            np.testing.assert_allclose(got[row], want[0], rtol=0, atol=1e-4 * np.abs(want).max())

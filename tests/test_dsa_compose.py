@@ -19,7 +19,7 @@ from dsc.commands.compile import CompileOptions, compile_model, make_pass_manage
 from dsc.frontends.checkpoint import Checkpoint
 from dsc.frontends.loader import load_graph
 from dsc.frontends.presets import PRESETS, make_model
-from dsc.frontends.trace import empty_cache
+from dsc.frontends.trace import step_feeds
 from dsc.ir import Interpreter
 from dsc.runtime.engine import OnnxEngine
 from dsc.runtime.ep import run_expert_parallel
@@ -106,7 +106,7 @@ def test_int8_engine_matches_its_quantized_graph(tiny, tmp_path):
     got, _ = engine.step(ids, pos, [c.empty(len(PROMPT)) for c in engine.cache])
     _, graph = load_graph(tiny)
     graph = make_pass_manager(options, "int8").run(graph)
-    feeds = {"input_ids": torch.from_numpy(ids), "position_ids": torch.from_numpy(pos), **empty_cache(graph, 2)}
+    feeds = step_feeds(graph, ids, pos)
     want = Interpreter(graph).run(feeds)["logits"].numpy()
     assert rel_error(got, want) <= 2e-2
 

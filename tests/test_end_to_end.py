@@ -12,6 +12,7 @@ import pytest
 import torch
 from dsc.commands.compile import CompileOptions, compile_model
 from dsc.frontends.loader import load_graph
+from dsc.frontends.trace import step_feeds
 from dsc.ir import Interpreter
 from dsc.runtime.engine import OnnxEngine
 from dsc.runtime.generate import generate
@@ -78,9 +79,7 @@ def test_interpreter_matches_transformers(case: Case):
     caches = [v for v in graph.inputs if v.name.startswith("past_key_values.")]
 
     def step(ids, pos, past):
-        feeds = {"input_ids": torch.from_numpy(ids), "position_ids": torch.from_numpy(pos)}
-        feeds.update({v.name: p for v, p in zip(caches, past, strict=True)})
-        out = interp.run(feeds)
+        out = interp.run(step_feeds(graph, ids, pos, {v.name: p for v, p in zip(caches, past, strict=True)}))
         return out["logits"].numpy(), [out[v.name.replace("past_key_values.", "present.")] for v in caches]
 
     empty = [

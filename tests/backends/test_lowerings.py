@@ -174,11 +174,18 @@ def _(g: OneNode) -> Graph:
     return _rope(g, (2, 3, 8), interleaved=False, scaling=0.8)  # rotate_half, rank 3, yarn's mscale
 
 
+def _mask(g: OneNode) -> Value:
+    """[2, 5] padding mask: row 0 right-padded (its last key), row 1 left-padded so that its first new query
+    sees no key at all (that row must stay finite)."""
+    mask = torch.tensor([[1, 1, 1, 1, 0], [0, 0, 0, 1, 1]])
+    return g.input("attention_mask", mask, ("batch", "total"))
+
+
 def _attention(g: OneNode, kv_heads: int) -> Graph:
     q = g.input("q", g.randn(2, 3, 4, 8))
-    k = g.input("k", g.randn(2, 5, kv_heads, 8), ("batch", "total"))  # 2 cached tokens in front of the 3 new
-    v = g.input("v", g.randn(2, 5, kv_heads, 6), ("batch", "total"))
-    return g.node(Op.ATTENTION, [q, k, v], {"scale": 0.35})
+    k = g.input("k", g.randn(2, kv_heads, 5, 8), ("batch", kv_heads, "total"))  # 2 cached tokens before 3 new
+    v = g.input("v", g.randn(2, kv_heads, 5, 6), ("batch", kv_heads, "total"))
+    return g.node(Op.ATTENTION, [q, k, v, _mask(g)], {"scale": 0.35})
 
 
 @case(Op.ATTENTION, "attention-cache")
@@ -191,17 +198,71 @@ def _(g: OneNode) -> Graph:
     return _attention(g, kv_heads=1)  # MLA absorbed: one shared latent head
 
 
+for _dq in (10, 9):  # the latent as key and value halves; 9: an odd latent with its zero column
+    case(Op.ATTENTION, f"attention-joint-kv-{_dq}")(
+        lambda g, dq=_dq: g.node(
+            Op.ATTENTION,
+            [
+                g.input("q", g.randn(2, 3, 4, dq)),
+                g.input("k", g.randn(2, 1, 5, 5), ("batch", 1, "total")),
+                g.input(
+                    "v", torch.cat([g.randn(2, 1, 5, dq - 5), torch.zeros(2, 1, 5, 10 - dq)], -1), ("batch", 1, "total")
+                ),
+                _mask(g),
+            ],
+            {"scale": 0.35, "joint_kv": True},
+        )
+    )
+
+
+@case(Op.CACHE_APPEND)
+def _(g: OneNode) -> Graph:
+    # 2 cached + 2 new tokens, a mask of 5: one empty slot between them (genai's un-run sampled token)
+    past = g.input("past", g.randn(2, 3, 2, 4), ("batch", 3, "past"))
+    new = g.input("new", g.randn(2, 3, 2, 4), ("batch", 3, "seq"))
+    mask = g.input("attention_mask", torch.ones(2, 5, dtype=torch.int64), ("batch", "total"))
+    return g.node(Op.CACHE_APPEND, [past, new, mask])
+
+
+@case(Op.ATTENTION, "attention-empty-cache-slot")
+def _(g: OneNode) -> Graph:
+    # key slot 2 is empty (zeros): hidden from every query though the mask says 1
+    k = g.randn(2, 1, 5, 8)
+    k[:, :, 2] = 0
+    q = g.input("q", g.randn(2, 2, 4, 8))
+    keys = g.input("k", k, ("batch", 1, "total"))
+    return g.node(
+        Op.ATTENTION,
+        [q, keys, keys, g.input("attention_mask", torch.ones(2, 5, dtype=torch.int64), ("batch", "total"))],
+        {"scale": 0.35},
+    )
+
+
+@case(Op.TRANSPOSE)
+def _(g: OneNode) -> Graph:
+    return g.node(Op.TRANSPOSE, [g.input("x", g.randn(2, 3, 4, 5))], {"perm": (0, 2, 1, 3)})
+
+
+@case(Op.PAD)
+def _(g: OneNode) -> Graph:
+    return g.node(Op.PAD, [g.input("x", g.randn(2, 3, 5))], {"after": 3})
+
+
 @case(Op.ATTENTION, "attention-values-are-keys")
 def _(g: OneNode) -> Graph:
     q = g.input("q", g.randn(2, 3, 4, 8))
-    k = g.input("k", g.randn(2, 5, 1, 8), ("batch", "total"))
-    return g.node(Op.ATTENTION, [q, k, k], {"scale": 0.35})  # mla-absorb: values are the keys' rows
+    k = g.input("k", g.randn(2, 1, 5, 8), ("batch", 1, "total"))
+    return g.node(Op.ATTENTION, [q, k, k, _mask(g)], {"scale": 0.35})  # values are the keys' rows
 
 
 def _index_topk(g: OneNode, q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, top_k: int) -> Graph:
-    qv, kv = g.input("q", q), g.input("k", k, ("batch", "total"))
+    # the indexer cache head-major [b, 1, T, d]; row 1 left-padded (its first key): never selected before real keys
+    qv, kv = g.input("q", q), g.input("k", k.unsqueeze(1), ("batch", 1, "total"))
     wv = g.input("w", w)
-    return g.node(Op.INDEX_TOPK, [qv, kv, wv], {"top_k": top_k, "scale": 0.3, "weight_scale": 0.5})
+    mask = torch.ones(k.shape[0], k.shape[1], dtype=torch.int64)
+    mask[1, 0] = 0
+    mv = g.input("attention_mask", mask, ("batch", "total"))
+    return g.node(Op.INDEX_TOPK, [qv, kv, wv, mv], {"top_k": top_k, "scale": 0.3, "weight_scale": 0.5})
 
 
 @case(Op.INDEX_TOPK, "index_topk-below-context")
@@ -229,14 +290,25 @@ def _(g: OneNode) -> Graph:
     return _index_topk(g, g.randn(2, 3, 5, 8), k, g.randn(2, 3, 5).abs(), top_k=5)
 
 
-def _sparse(g: OneNode, kv_heads: int, values_are_keys: bool = False, seq: int = 3) -> Graph:
-    q = g.input("q", g.randn(2, seq, 4, 8))
-    k = g.input("k", g.randn(2, 7, kv_heads, 8), ("batch", "total"))  # cached tokens in front of the new ones
-    v = k if values_are_keys else g.input("v", g.randn(2, 7, kv_heads, 6), ("batch", "total"))
-    # top 3 of 7 per query, some of them after the query (prompt rows with fewer earlier keys select later ones)
-    idx = torch.stack([torch.randperm(7, generator=g.gen)[:3] for _ in range(2 * seq)]).reshape(2, seq, 3)
-    i = g.input("idx", idx)
-    return g.node(Op.SPARSE_ATTENTION, [q, k, v, i], {"scale": 0.35})
+def _sparse(g: OneNode, kv_heads: int, values_are_keys: bool = False, seq: int = 3, joint: bool = False) -> Graph:
+    q = g.input("q", g.randn(2, seq, 4, 10 if joint else 8))
+    # head-major caches [b, Hk, T, d], cached tokens in front of the new ones
+    k = g.input("k", g.randn(2, kv_heads, 7, 5 if joint else 8), ("batch", kv_heads, "total"))
+    dv = 5 if joint else 6
+    v = k if values_are_keys else g.input("v", g.randn(2, kv_heads, 7, dv), ("batch", kv_heads, "total"))
+    # top 3 of 7 per query: the query's own key, then 2 others, some after the query (prompt rows with fewer
+    # earlier keys select later ones) or padded (row 1's first two keys)
+    rows = []
+    for _ in range(2):
+        for i in range(seq):
+            own = 7 - seq + i
+            others = [int(j) for j in torch.randperm(7, generator=g.gen) if int(j) != own][:2]
+            rows.append([own, *others])
+    i = g.input("idx", torch.tensor(rows).reshape(2, seq, 3))
+    mask = torch.ones(2, 7, dtype=torch.int64)
+    mask[1, :2] = 0
+    m = g.input("attention_mask", mask, ("batch", "total"))
+    return g.node(Op.SPARSE_ATTENTION, [q, k, v, m, i], {"scale": 0.35, **({"joint_kv": True} if joint else {})})
 
 
 @case(Op.SPARSE_ATTENTION, "sparse_attention-per-head")
@@ -257,6 +329,16 @@ def _(g: OneNode) -> Graph:  # one new token: the gather branch
 @case(Op.SPARSE_ATTENTION, "sparse_attention-decode-values-are-keys")
 def _(g: OneNode) -> Graph:
     return _sparse(g, kv_heads=1, values_are_keys=True, seq=1)
+
+
+@case(Op.SPARSE_ATTENTION, "sparse_attention-joint-kv")
+def _(g: OneNode) -> Graph:  # mla-absorb under genai's convention: the latent as key and value halves
+    return _sparse(g, kv_heads=1, joint=True)
+
+
+@case(Op.SPARSE_ATTENTION, "sparse_attention-decode-joint-kv")
+def _(g: OneNode) -> Graph:
+    return _sparse(g, kv_heads=1, joint=True, seq=1)
 
 
 @case(Op.LAYER_NORM)

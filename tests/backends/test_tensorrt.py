@@ -102,7 +102,9 @@ def onnxruntime_step(path: Path):
     outputs = ["logits"] + [c.name.replace("past_key_values.", "present.") for c in caches]
 
     def step(ids, pos, past):
-        feeds = {"input_ids": ids, "position_ids": pos, **{c.name: p for c, p in zip(caches, past, strict=True)}}
+        mask = np.ones((ids.shape[0], np.asarray(past[0]).shape[2] + ids.shape[1]), np.int64)
+        feeds = {"input_ids": ids, "position_ids": pos, "attention_mask": mask}
+        feeds.update({c.name: p for c, p in zip(caches, past, strict=True)})
         logits, *present = session.run(outputs, feeds)
         return logits, present
 
@@ -433,7 +435,7 @@ def test_activation_estimate_grows_with_the_profile_not_with_one_span(tmp_path: 
         for n in p.names
     }
     single, _ = activation_bytes_estimate(
-        model, inits, {k: [{"batch": 1, "seq": 1024, "past": 1023}.get(x, x) for x in d] for k, d in dims.items()}
+        model, inits, {k: [{"batch": 1, "seq": 1024, "past": 1023, "past+seq": 2047}.get(x, x) for x in d] for k, d in dims.items()}
     )
     assert 0 < est["decode"][0] < est["prefill"][0] < single / 4
     # the prefill chunk's gathered expert weights alone: 64 tokens x top-k x H x 2I floats, alive at once
@@ -728,9 +730,10 @@ def test_build_and_run_through_the_engine_interface(case: Case, fake_trt: dict, 
     decode, prefill = fake_trt["profiles"]  # indices 0 and 1
     latent = next(n for n in decode if n.startswith("past_key_values."))
     assert decode["input_ids"] == ((1, 1), (2, 1), (2, 1))
-    assert [s[:2] for s in decode[latent]] == [(1, 0), (2, 15), (2, 31)]
+    # head-major cache [batch, 1, past, dim]: batch and past ranges
+    assert [(s[0], s[2]) for s in decode[latent]] == [(1, 0), (2, 15), (2, 31)]
     assert prefill["input_ids"] == ((1, 1), (2, 3), (2, 3))  # --prefill-chunk 3
-    assert [s[:2] for s in prefill[latent]] == [(1, 0), (2, 0), (2, 31)]
+    assert [(s[0], s[2]) for s in prefill[latent]] == [(1, 0), (2, 0), (2, 31)]
     assert cache.read_bytes() == b"fake-cache:1" and fake_trt["timing_loaded"] == [b""]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.manifest.json", "model.plan", "timing.cache"]
 

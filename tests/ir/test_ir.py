@@ -97,15 +97,18 @@ def test_attention_is_causal_with_cache_offset():
     torch.manual_seed(0)
     b = GraphBuilder()
     q = b.input("q", DType.F32, ("batch", "seq", 2, 4))
-    k = b.input("k", DType.F32, ("batch", "total", 2, 4))
-    v = b.input("v", DType.F32, ("batch", "total", 2, 3))
-    b.output(b.op(Op.ATTENTION, [q, k, v], {"scale": 0.5}, out_names=["o"]).output)
-    qs, ks, vs = torch.randn(1, 2, 2, 4), torch.randn(1, 5, 2, 4), torch.randn(1, 5, 2, 3)
-    out = interpret(b.graph, {"q": qs, "k": ks, "v": vs})["o"]
-    for i in range(2):  # query i sits at absolute position 3 + i and sees keys 0..3+i
-        t = 3 + i + 1
-        probs = torch.softmax(torch.einsum("hd,thd->ht", qs[0, i], ks[0, :t]) * 0.5, dim=-1)
-        torch.testing.assert_close(out[0, i], torch.einsum("ht,thd->hd", probs, vs[0, :t]), rtol=1e-5, atol=1e-6)
+    k = b.input("k", DType.F32, ("batch", 2, "total", 4))
+    v = b.input("v", DType.F32, ("batch", 2, "total", 3))
+    mask = b.input("attention_mask", DType.I64, ("batch", "total"))
+    b.output(b.op(Op.ATTENTION, [q, k, v, mask], {"scale": 0.5}, out_names=["o"]).output)
+    qs, ks, vs = torch.randn(1, 2, 2, 4), torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 3)
+    padding = torch.tensor([[1, 0, 1, 1, 1]])  # key 1 is padding: hidden from every query
+    out = interpret(b.graph, {"q": qs, "k": ks, "v": vs, "attention_mask": padding})["o"]
+    for i in range(2):  # query i sits at absolute position 3 + i and sees keys 0..3+i, except the padding
+        seen = [j for j in range(3 + i + 1) if j != 1]
+        probs = torch.softmax(torch.einsum("hd,htd->ht", qs[0, i], ks[0][:, seen]) * 0.5, dim=-1)
+        want = torch.einsum("ht,htd->hd", probs, vs[0][:, seen])
+        torch.testing.assert_close(out[0, i], want, rtol=1e-5, atol=1e-6)
 
 
 def test_route_sigmoid_group_limited_by_hand():

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from dsc.frontends.trace import step_feeds
 from dsc.ir import Op, interpret, verify
 from dsc.passes.expert_fusion import ExpertFusionPass
 from dsc.passes.mla_absorb import MlaAbsorbPass
@@ -60,10 +61,6 @@ def test_traced_model_fuses_every_moe_layer(q_lora, yarn):
     verify(result.graph)
     assert result.stats["fused_layers"] == 1  # traced_tiny: layer 0 dense, layer 1 MoE with 8 experts
     assert len(g.nodes) - len(result.graph.nodes) == 8 * 5
-    caches = [v for v in g.inputs if v.name.startswith("past_")]
-    feeds = {
-        "input_ids": torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(2)),
-        "position_ids": torch.arange(7).expand(2, 7).contiguous(),
-        **{v.name: torch.zeros(2, 0, v.type.shape[-1]) for v in caches},
-    }
+    ids = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(2))
+    feeds = step_feeds(g, ids, torch.arange(7).expand(2, 7).contiguous())
     assert _rel(interpret(result.graph, feeds)["logits"], interpret(g, feeds)["logits"]) < RTOL

@@ -125,7 +125,7 @@ def tiny(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("lowering", ["contrib", "gather"])
 def test_engine_matches_interpreter_of_quantized_graph(tiny, tmp_path, bits, lowering):
     from dsc.frontends.loader import load_graph
-    from dsc.frontends.trace import empty_cache
+    from dsc.frontends.trace import step_feeds
     from dsc.ir.interpreter import Interpreter
 
     options = CompileOptions(quantize=f"int{bits}", moe_lowering=lowering)
@@ -142,7 +142,7 @@ def test_engine_matches_interpreter_of_quantized_graph(tiny, tmp_path, bits, low
     quantized = make_pass_manager(options, f"int{bits}").run(graph)
     ids = torch.tensor([[5, 17, 42, 7, 99, 3]])
     pos = torch.arange(6)[None]
-    want = Interpreter(quantized).run({"input_ids": ids, "position_ids": pos, **empty_cache(quantized, 1)})["logits"]
+    want = Interpreter(quantized).run(step_feeds(quantized, ids, pos))["logits"]
     engine = OnnxEngine(summary.output, threads=1)
     got, _ = engine.step(ids.numpy(), pos.numpy(), [c.empty(1) for c in engine.cache])
     err = float((torch.from_numpy(got) - want).abs().max() / want.abs().max())

@@ -4,6 +4,7 @@ import pytest
 import torch
 from dsc.commands.quant_report import weight_errors
 from dsc.errors import CompileError
+from dsc.frontends.trace import step_feeds
 from dsc.ir import Constant, DType, Graph, GraphBuilder, Op, interpret, verify
 from dsc.ir.ops import quantize_fp8
 from dsc.passes.expert_fusion import ExpertFusionPass
@@ -21,12 +22,21 @@ def _rel(a, b) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
+def _random_past(g: Graph, batch: int, past: int, seed: int) -> dict[str, torch.Tensor]:
+    """A random cache of ``past`` tokens for every cache input (head-major [batch, heads, past, dim])."""
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        v.name: torch.randn([{"batch": batch, "past": past}.get(d, d) for d in v.type.shape], generator=gen)
+        for v in g.inputs
+        if v.name.startswith("past_")
+    }
+
+
 def _mla_feeds(g: Graph, seq: int = 5, past: int = 3) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
     feeds = {"x": torch.randn(2, seq, H, generator=gen), "position_ids": torch.arange(past, past + seq).expand(2, seq)}
-    for v in g.inputs[2:]:
-        feeds[v.name] = torch.randn(2, past, *v.type.shape[2:], generator=gen)
-    return feeds
+    feeds["attention_mask"] = torch.ones(2, past + seq, dtype=torch.int64)
+    return {**feeds, **_random_past(g, 2, past, seed=1)}
 
 
 def test_mla_q_a_and_kv_a_fuse_exactly():
@@ -83,12 +93,8 @@ def test_traced_model_fuses_and_stays_exact(q_lora):
     # per layer one attention pair; layer 0's dense MLP and layer 1's shared expert one gate + up pair each
     assert result.stats["fused"] == 4
     assert g.op_counts()["linear"] - result.graph.op_counts()["linear"] == 4
-    caches = [v for v in g.inputs if v.name.startswith("past_")]
-    feeds = {
-        "input_ids": torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(2)),
-        "position_ids": torch.arange(3, 10).expand(2, 7).contiguous(),
-        **{v.name: torch.randn(2, 3, v.type.shape[-1], generator=torch.Generator().manual_seed(3)) for v in caches},
-    }
+    ids = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(2))
+    feeds = step_feeds(g, ids, torch.arange(3, 10).expand(2, 7).contiguous(), _random_past(g, 2, 3, seed=3))
     want, got = interpret(g, feeds), interpret(result.graph, feeds)
     for name in want:
         assert _rel(got[name], want[name]) < RTOL, name
@@ -166,10 +172,6 @@ def test_after_mla_absorb_with_folds(q_lora):
     result = LinearFusionPass().run(g)
     verify(result.graph)
     assert result.stats["fused"] == 4
-    caches = [v for v in g.inputs if v.name.startswith("past_")]
-    feeds = {
-        "input_ids": torch.randint(0, 256, (1, 4), generator=torch.Generator().manual_seed(4)),
-        "position_ids": torch.arange(2, 6)[None],
-        **{v.name: torch.randn(1, 2, v.type.shape[-1], generator=torch.Generator().manual_seed(5)) for v in caches},
-    }
+    ids = torch.randint(0, 256, (1, 4), generator=torch.Generator().manual_seed(4))
+    feeds = step_feeds(g, ids, torch.arange(2, 6)[None], _random_past(g, 1, 2, seed=5))
     assert _rel(interpret(result.graph, feeds)["logits"], interpret(g, feeds)["logits"]) < RTOL

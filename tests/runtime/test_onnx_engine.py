@@ -18,7 +18,9 @@ def engine(tmp_path_factory) -> OnnxEngine:
 
 
 def _plain_run(engine: OnnxEngine, ids, pos, past):
-    feeds = {"input_ids": ids, "position_ids": pos}
+    seen = np.asarray(past[0]).shape[2]
+    mask = np.ones((len(ids), seen + ids.shape[1]), np.int64)
+    feeds = {"input_ids": ids, "position_ids": pos, "attention_mask": mask}
     feeds.update({c.input: np.asarray(p) for c, p in zip(engine.cache, past, strict=True)})
     logits, *present = engine.session.run(["logits"] + [c.output for c in engine.cache], feeds)
     return logits, present
@@ -40,7 +42,7 @@ def test_bound_steps_equal_plain_runs_and_keep_the_cache_in_onnxruntime(engine):
         want, want_present = _plain_run(engine, nxt, at, want_present)
         logits, present = engine.step(nxt, at, present)
         np.testing.assert_array_equal(logits, want)
-    assert np.asarray(present[0]).shape[:2] == (batch, 9)
+    assert np.asarray(present[0]).shape[:3] == (batch, 1, 9)  # head-major: [batch, heads, past, dim]
 
 
 def test_numpy_past_and_logits_outlive_the_next_step(engine):
