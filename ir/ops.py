@@ -235,6 +235,8 @@ def _infer_layer_norm(t: list[TensorType], a: Attrs) -> list[TensorType]:
     x, w, b = t
     _need(w.shape == b.shape == (x.shape[-1],), f"layer_norm weight {w} / bias {b} do not match input {x}")
     return [x]
+
+
 def _infer_cache_append(t: list[TensorType], a: Attrs) -> list[TensorType]:
     past, new, mask = t
     _need(past.rank == new.rank == 4 and past.dtype == new.dtype, f"cache_append: past {past}, new {new}")

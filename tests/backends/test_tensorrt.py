@@ -435,7 +435,9 @@ def test_activation_estimate_grows_with_the_profile_not_with_one_span(tmp_path: 
         for n in p.names
     }
     single, _ = activation_bytes_estimate(
-        model, inits, {k: [{"batch": 1, "seq": 1024, "past": 1023, "past+seq": 2047}.get(x, x) for x in d] for k, d in dims.items()}
+        model,
+        inits,
+        {k: [{"batch": 1, "seq": 1024, "past": 1023, "past+seq": 2047}.get(x, x) for x in d] for k, d in dims.items()},
     )
     assert 0 < est["decode"][0] < est["prefill"][0] < single / 4
     # the prefill chunk's gathered expert weights alone: 64 tokens x top-k x H x 2I floats, alive at once
