@@ -231,6 +231,8 @@ def run_preset(check: Check, preset: str) -> None:
         save_model(model, inits, path)
         fp8 = sum(t.data_type == onnx.TensorProto.FLOAT8E4M3FN for t in onnx.load(str(path)).graph.initializer)
         import onnxruntime as ort
+        from dsc.engine_format import full_mask
+        from dsc.ir.graph import ATTENTION_MASK
 
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         ref = refs[quantize]
@@ -239,7 +241,13 @@ def run_preset(check: Check, preset: str) -> None:
 
         def step(ids, pos, past):
             logits, *present = session.run(
-                names, {"input_ids": ids, "position_ids": pos, **dict(zip([c.input for c in cache], past, strict=True))}
+                names,
+                {
+                    "input_ids": ids,
+                    "position_ids": pos,
+                    ATTENTION_MASK: full_mask(ids, past, cache),
+                    **dict(zip([c.input for c in cache], past, strict=True)),
+                },
             )
             return logits, present
 
