@@ -24,6 +24,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import THREADS, DscRunner, prompt_ids  # noqa: E402
+from dsc.engine_format import full_mask
+from dsc.ir.graph import ATTENTION_MASK
 from dsc.runtime.engine import OnnxEngine, ort_session  # noqa: E402
 
 GEMM_OPS = {"MatMul", "FusedMatMul", "Gemm", "MoE", "QMoE", "MatMulNBits"}
@@ -60,6 +62,7 @@ def profile(engine: OnnxEngine, ctx: int, steps: int, nodes: str | None = None) 
             feeds = {
                 "input_ids": logits[:, -1].argmax(-1)[:, None].astype(np.int64),
                 "position_ids": np.full((1, 1), ctx + i, dtype=np.int64),
+                ATTENTION_MASK: full_mask(np.zeros((1, 1), dtype=np.int64), past, engine.cache),
                 **{c.input: np.asarray(p) for c, p in zip(engine.cache, past, strict=True)},
             }
             logits, *past = session.run(outputs, feeds)

@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from common import THREADS, DscRunner, HfRunner, bench_checkpoint, compile_engine, prompt_ids
+from dsc.engine_format import full_mask
+from dsc.ir.graph import ATTENTION_MASK
 from dsc.runtime.engine import ort_session
 
 
@@ -97,6 +99,7 @@ def profile_decode(runner: ChunkedDsc, steps: int) -> None:
             feeds = {
                 "input_ids": logits[:, -1].argmax(-1)[:, None].astype(np.int64),
                 "position_ids": np.full((1, 1), pos + i, dtype=np.int64),
+                ATTENTION_MASK: full_mask(np.zeros((1, 1), dtype=np.int64), past, engine.cache),
                 **{c.input: p for c, p in zip(engine.cache, past, strict=True)},
             }
             logits, *past = session.run(outputs, feeds)
